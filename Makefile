@@ -1,0 +1,41 @@
+# Every target does its own set-up: on a fresh clone `make demo` or `make test` works first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VLP := $(VENV)/bin/vlp
+# torch is pinned to the build this project is tested with; override for another CUDA/CPU build,
+# e.g. make install TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+SHAPES ?= data/shapes
+
+.PHONY: install test demo bench lint data clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev,demo]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+data: install
+	test -f $(SHAPES)/info.json || $(VLP) data synth --out $(SHAPES)
+
+demo: data
+	$(VLP) fit --config recipes/tiny/clip.yaml
+	$(VLP) test --ckpt runs/tiny_clip/checkpoints/last.ckpt
+
+bench: install
+	$(PY) bench/run.py
+
+lint: install
+	$(VENV)/bin/ruff check vlp tests bench
+	$(VENV)/bin/ruff format --check vlp tests bench
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache
