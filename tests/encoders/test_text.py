@@ -1,0 +1,205 @@
+"""Hugging Face text towers: tiny random BERT / GPT-2 / Llama, offline loading from a
+saved folder, and the real MiniLM against sentence-transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import MINILM
+
+from vlp.data import HFTokenizer
+from vlp.encoders import HFCausalLM, HFTextEncoder
+from vlp.errors import CheckpointError, ConfigError
+from vlp.utils.paths import resolve_path
+
+BERT = {
+    "model_type": "bert",
+    "vocab_size": 100,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 32,
+}
+GPT2 = {
+    "model_type": "gpt2",
+    "vocab_size": 100,
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 2,
+    "n_positions": 32,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 100,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "intermediate_size": 64,
+    "max_position_embeddings": 32,
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "pad_token_id": 0,
+}
+
+
+def text_batch(b: int = 3, length: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, 100, (b, length), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[0, 4:] = 0  # right padding
+    mask[1, 2:] = 0
+    return ids, mask
+
+
+def bert(**kwargs) -> HFTextEncoder:
+    torch.manual_seed(0)
+    return HFTextEncoder(config=BERT, **kwargs)
+
+
+# -- bidirectional encoders ---------------------------------------------------------------
+@pytest.mark.parametrize("pooling", ["cls", "mean", "pooler"])
+def test_text_encoder_shapes_mask_and_pooling(pooling):
+    enc = bert(pooling=pooling, add_pooling_layer=pooling == "pooler").eval()
+    ids, mask = text_batch()
+    out = enc(ids, mask)
+    assert out.tokens.shape == (3, 6, 32) and out.pooled.shape == (3, 32)
+    assert (enc.dim, enc.pooled_dim) == (32, 32) and enc.config is enc.model.config
+    assert out.mask.dtype == torch.bool and torch.equal(out.mask, mask.bool())
+    if pooling == "cls":
+        expected = out.tokens[:, 0]
+    elif pooling == "mean":
+        expected = torch.stack([out.tokens[i, : int(mask[i].sum())].mean(0) for i in range(3)])
+    else:
+        expected = enc.model.pooler(out.tokens)  # BERT's dense + tanh on the first token
+    torch.testing.assert_close(out.pooled, expected)
+    changed = ids.clone()
+    changed[~mask.bool()] = 7  # other tokens under the padding change nothing that is real
+    again = enc(changed, mask)
+    torch.testing.assert_close(again.pooled, out.pooled)
+    torch.testing.assert_close(again.tokens[mask.bool()], out.tokens[mask.bool()])
+
+
+def test_text_encoder_gradients(checks):
+    enc = bert(pooling="mean")
+    checks.grads(enc, checks.loss(enc(*text_batch())))
+    # With the pooler kept but CLS pooling, the pooler is legitimately unused: no gradient.
+    enc = bert(pooling="cls", add_pooling_layer=True)
+    checks.grads(enc, checks.loss(enc(*text_batch())), no_grad=("model.pooler.",))
+
+
+def test_text_encoder_lock(checks):
+    checks.lock(bert, n_groups=3)  # embeddings, 2 layers
+    checks.lock(lambda: bert(add_pooling_layer=True), n_groups=4)  # + pooler
+    enc = bert()
+    groups = [list(g.members) for g in enc.layer_groups()]
+    assert groups == [[enc.model.embeddings], *([layer] for layer in enc.model.encoder.layer)]
+
+
+def test_text_encoder_grad_checkpointing_gives_the_same_gradients():
+    grads = []
+    for enable in (False, True):
+        enc = bert(gradient_checkpointing=enable).train()
+        assert enc.model.encoder.layer[0].gradient_checkpointing == enable
+        torch.manual_seed(1)  # the same dropout masks
+        enc(*text_batch()).pooled.square().sum().backward()
+        grads.append(enc.model.embeddings.word_embeddings.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_text_encoder_loads_a_saved_folder_offline(tmp_path, offline):
+    from transformers import AutoTokenizer
+
+    source = HFTextEncoder(config={**BERT, "vocab_size": 30522}).eval()
+    source.model.save_pretrained(tmp_path / "bert")
+    AutoTokenizer.from_pretrained(resolve_path(MINILM)).save_pretrained(tmp_path / "bert")
+    tok = HFTokenizer(str(tmp_path / "bert"), max_length=16)
+    batch = tok(["a red square", "two blue circles on a green background"])
+    loaded = HFTextEncoder(str(tmp_path / "bert"), config={"hidden_dropout_prob": 0.0}).eval()
+    assert loaded.config.hidden_dropout_prob == 0.0 and loaded.model.pooler is None
+    torch.testing.assert_close(loaded(**batch).tokens, source(**batch).tokens)
+
+
+def test_text_encoder_bad_names_and_paths(tmp_path):
+    with pytest.raises(ConfigError, match="nowhere"):
+        HFTextEncoder(str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="empty"):
+        (tmp_path / "empty").mkdir()
+        HFTextEncoder(str(tmp_path / "empty"))
+    bert().model.save_pretrained(tmp_path / "broken")
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="broken"):
+        HFTextEncoder(str(tmp_path / "broken"))
+    with pytest.raises(ConfigError, match="model_type"):
+        HFTextEncoder(config={"hidden_size": 32})
+    with pytest.raises(ConfigError, match="add_pooling_layer"):
+        HFTextEncoder(config=BERT, pooling="pooler")
+    with pytest.raises(ConfigError, match="pooling"):
+        HFTextEncoder(config=BERT, pooling="max")
+
+
+def test_minilm_matches_sentence_transformers():
+    """The real pretrained MiniLM-L6: mean pooling + L2 norm is what sentence-transformers computes."""
+    from sentence_transformers import SentenceTransformer
+
+    sentences = [
+        "A photo of a cat sitting on a red sofa.",
+        "Two dogs run along the beach at sunset.",
+    ]
+    enc = HFTextEncoder(MINILM, pooling="mean").eval()
+    assert enc.dim == 384 and len(enc.layer_groups()) == 1 + 6
+    batch = HFTokenizer(MINILM, max_length=128)(sentences)
+    with torch.no_grad():
+        ours = F.normalize(enc(**batch).pooled, dim=-1)
+    reference = SentenceTransformer(resolve_path(MINILM), device="cpu").encode(sentences, convert_to_tensor=True)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+
+
+# -- causal language models ---------------------------------------------------------------
+def causal(config: dict) -> HFCausalLM:
+    torch.manual_seed(0)
+    return HFCausalLM(config=config)
+
+
+@pytest.mark.parametrize("config", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_causal_lm_pools_the_last_real_token(config):
+    lm = causal(config).eval()
+    ids, mask = text_batch()
+    out = lm(ids, mask)
+    assert out.tokens.shape == (3, 6, 32) and out.pooled.shape == (3, 32) and lm.dim == 32
+    lengths = mask.sum(1)
+    torch.testing.assert_close(out.pooled, out.tokens[torch.arange(3), lengths - 1])
+    logits = lm.logits(out.tokens)
+    assert logits.shape == (3, 6, 100)
+    with torch.no_grad():  # the full HF model on the last (unpadded) row gives the same logits
+        torch.testing.assert_close(logits[2:], lm.model(input_ids=ids[2:]).logits)
+    assert lm.decoder_layers() is lm.model.base_model.get_submodule("h" if config is GPT2 else "layers")
+
+
+@pytest.mark.parametrize("config", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_causal_lm_gradients_and_lock(config, checks):
+    lm = causal(config)
+    out = lm(*text_batch())
+    checks.grads(lm, checks.loss(out, lm.logits(out.tokens)))
+    checks.lock(lambda: causal(config), n_groups=4)  # embeddings, 2 layers, final norm (+ lm head)
+    top = {n for n, p in lm.model.named_parameters() if any(p is q for q in lm.layer_groups()[-1].parameters())}
+    # GPT-2 ties its LM head to the token embeddings, which stay in the bottom group.
+    assert top == (
+        {"transformer.ln_f.weight", "transformer.ln_f.bias"}
+        if config is GPT2
+        else {"model.norm.weight", "lm_head.weight"}
+    )
+
+
+def test_causal_lm_resize_and_offline_reload(tmp_path, offline):
+    lm = causal(GPT2).eval()
+    lm.resize_token_embeddings(120)
+    ids, mask = text_batch()
+    assert lm.logits(lm(ids, mask).tokens).shape == (3, 6, 120)
+    lm.model.save_pretrained(tmp_path / "gpt2")
+    loaded = HFCausalLM(str(tmp_path / "gpt2")).eval()
+    torch.testing.assert_close(loaded.logits(loaded(ids, mask).tokens), lm.logits(lm(ids, mask).tokens))
