@@ -1,0 +1,33 @@
+"""Data: manifests, the webdataset DataModule, transforms, tokenisers, collators, masking,
+the synthetic "shapes" benchmark and the folder-to-shards converter."""
+
+from vlp.data.collate import Collator
+from vlp.data.datamodule import Source, WebDataModule
+from vlp.data.manifest import MODALITIES, Manifest, Split, expand_urls, load_manifest
+from vlp.data.masking import Masker, MLMMasker, PatchMasker, block_mask, mask_tokens
+from vlp.data.pipeline import SampleDecoder, Skipped
+from vlp.data.tokenization import HFTokenizer, OpenCLIPTokenizer, Tokenizer
+from vlp.data.transforms import ImageTransform, decode_image
+
+__all__ = [
+    "MODALITIES",
+    "Collator",
+    "HFTokenizer",
+    "ImageTransform",
+    "MLMMasker",
+    "Manifest",
+    "Masker",
+    "OpenCLIPTokenizer",
+    "PatchMasker",
+    "SampleDecoder",
+    "Skipped",
+    "Source",
+    "Split",
+    "Tokenizer",
+    "WebDataModule",
+    "block_mask",
+    "decode_image",
+    "expand_urls",
+    "load_manifest",
+    "mask_tokens",
+]

@@ -1,0 +1,117 @@
+"""Collate examples of one modality into a batch dict (tokenising text on the way).
+
+Batch keys (see docs/data.md):
+
+| key | shape | modalities |
+|---|---|---|
+| ``image`` | (B, 3, H, W) | pair, image, vqa, retrieval |
+| ``image_id`` | (B,) int64 | pair, vqa, retrieval |
+| ``text_ids`` / ``text_mask`` | (T, L) | pair, text, vqa (question), retrieval (T = all captions), interleaved |
+| ``text_image_id`` | (T,) | pair, retrieval: the image each text belongs to |
+| ``label`` | (B,) | image |
+| ``answers`` / ``question_type`` | lists | vqa |
+| ``images`` / ``num_images`` | (B, N, 3, H, W) / (B,) | interleaved (zero-padded) |
+
+Every batch also has ``modality``, ``keys`` and ``skipped`` (a list of
+:class:`~vlp.data.pipeline.Skipped` from the stream since the previous batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from vlp.data.pipeline import Skipped
+from vlp.data.tokenization import Tokenizer
+from vlp.errors import DataError
+
+
+class Collator:
+    """Examples → batch dict.
+
+    Args:
+        modality: the modality of the examples.
+        tokenizer: used for every text field.
+        maskers: callables ``(batch, tokenizer) -> batch`` adding masked inputs (MLM, MIM).
+    """
+
+    def __init__(self, modality: str, tokenizer: Tokenizer | None, maskers: Sequence = ()) -> None:
+        self.modality = modality
+        self.tokenizer = tokenizer
+        self.maskers = list(maskers)
+
+    def _tokenize(self, batch: dict, texts: list[str]) -> None:
+        if self.tokenizer is None:
+            raise ValueError(f"a tokenizer is needed to collate {self.modality} batches")
+        enc = self.tokenizer(texts)
+        batch["text_ids"], batch["text_mask"] = enc["input_ids"], enc["attention_mask"]
+
+    def __call__(self, examples: list[dict], skipped: list[Skipped] | None = None) -> dict:
+        m = self.modality
+        skipped = list(skipped or [])
+        batch: dict = {"modality": m, "keys": [e["key"] for e in examples]}
+        if m in ("pair", "image", "vqa", "retrieval"):
+            batch["image"] = torch.stack([e["image"] for e in examples])  # (B, 3, H, W)
+        if m in ("pair", "vqa", "retrieval"):
+            batch["image_id"] = torch.tensor([e["image_id"] for e in examples], dtype=torch.long)
+        if m in ("pair", "text", "vqa", "interleaved"):
+            self._tokenize(batch, [e["text"] for e in examples])
+        if m == "pair":
+            batch["text_image_id"] = batch["image_id"]
+        elif m == "retrieval":
+            captions = [c for e in examples for c in e["captions"]]
+            self._tokenize(batch, captions)  # (T, L) with T = total captions
+            batch["text_image_id"] = torch.tensor(
+                [e["image_id"] for e in examples for _ in e["captions"]], dtype=torch.long
+            )
+            skipped += [e["dropped"] for e in examples if "dropped" in e]
+        elif m == "image":
+            batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+        elif m == "vqa":
+            batch["answers"] = [e["answers"] for e in examples]
+            batch["question_type"] = [e["question_type"] for e in examples]
+        elif m == "interleaved":
+            n = max(len(e["images"]) for e in examples)
+            first = examples[0]["images"][0]
+            images = first.new_zeros(len(examples), n, *first.shape)  # (B, N, 3, H, W)
+            for i, e in enumerate(examples):
+                images[i, : len(e["images"])] = torch.stack(e["images"])
+            batch["images"] = images
+            batch["num_images"] = torch.tensor([len(e["images"]) for e in examples])
+        for masker in self.maskers:
+            batch = masker(batch, self.tokenizer)
+        batch["skipped"] = skipped
+        return batch
+
+
+def batches(examples: Iterable[dict | Skipped], batch_size: int, collate: Collator) -> Iterator[dict]:
+    """Group examples into batches of ``batch_size``; skip markers ride along with a batch.
+
+    The last, partial batch is emitted too, and skips seen after the last full batch are
+    attached to the final batch, so no example or skip record is lost. A stream in which
+    every sample was skipped raises :class:`~vlp.errors.DataError` listing the reasons.
+    """
+    pending: tuple[list[dict], list[Skipped]] | None = None
+    buffer: list[dict] = []
+    skipped: list[Skipped] = []
+    for example in examples:
+        if isinstance(example, Skipped):
+            skipped.append(example)
+            continue
+        buffer.append(example)
+        if len(buffer) == batch_size:
+            if pending is not None:
+                yield collate(*pending)
+            pending, buffer, skipped = (buffer, skipped), [], []
+    if pending is None and not buffer:
+        if skipped:
+            reasons = "\n  ".join(f"{s.key}: {s.reason}" for s in skipped[:10])
+            raise DataError(f"all {len(skipped)} samples of this stream were skipped, e.g.:\n  {reasons}")
+        return
+    if pending is not None and not buffer:
+        yield collate(pending[0], pending[1] + skipped)
+        return
+    if pending is not None:
+        yield collate(*pending)
+    yield collate(buffer, skipped)

@@ -1,0 +1,188 @@
+"""``vlp data synth | inspect | convert``: make, look at and bring data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tarfile
+import time
+from collections import Counter
+
+from vlp.data.manifest import DEFAULT_FIELDS, MODALITIES, expand_urls, load_manifest
+from vlp.errors import ConfigError, DataError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlp data", description="Make, inspect and convert webdataset shards.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write the synthetic 'shapes' benchmark (every modality)")
+    s.add_argument("--out", required=True, help="output folder, e.g. data/shapes")
+    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    s.add_argument("--size", type=int, default=20000, help="training pairs; other splits scale with it")
+    s.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    s.add_argument("--samples-per-shard", type=int, default=1000)
+
+    i = sub.add_parser("inspect", help="count samples, list fields, decode a few samples")
+    i.add_argument("source", help="a manifest YAML, a shard path/URL or a brace pattern")
+    i.add_argument("--split", default=None, help="manifest split (default: all)")
+    i.add_argument("-n", "--num", type=int, default=3, help="samples to decode and show")
+    i.add_argument("--modality", choices=MODALITIES, default=None, help="for raw shards (default: guessed)")
+
+    c = sub.add_parser("convert", help="a folder of images + captions/labels -> shards and a manifest")
+    c.add_argument("images", help="folder of image files")
+    c.add_argument("--out", required=True, help="output folder for shards and manifest.yaml")
+    group = c.add_mutually_exclusive_group(required=True)
+    group.add_argument("--captions", help="CSV (image,caption[,caption_index]) or JSON list of {image, captions}")
+    group.add_argument("--labels", help="CSV (image,label[,...]) for an image-classification split")
+    c.add_argument("--classnames", default=None, help="JSON file with a 'classnames' list (labels only)")
+    c.add_argument("--modality", choices=["pair", "retrieval", "image"], default=None)
+    c.add_argument("--name", default=None, help="dataset name in the manifest")
+    c.add_argument("--split", default="train")
+    c.add_argument("--samples-per-shard", type=int, default=1000)
+    c.add_argument("--max-image-size", type=int, default=None, help="downscale so the longer side is at most this")
+    return parser
+
+
+def data_main(args: list[str]) -> object:
+    ns = _parser().parse_args(args)
+    return {"synth": _synth, "inspect": _inspect, "convert": _convert}[ns.command](ns)
+
+
+def _synth(ns: argparse.Namespace) -> dict:
+    from vlp.data.synth import write_shapes
+
+    start = time.perf_counter()
+    info = write_shapes(
+        ns.out, seed=ns.seed, size=ns.size, image_size=ns.image_size, samples_per_shard=ns.samples_per_shard
+    )
+    print(f"wrote the shapes benchmark to {ns.out} in {time.perf_counter() - start:.1f}s")
+    for name in sorted(os.listdir(os.path.join(ns.out, "manifests"))):
+        manifest = load_manifest(os.path.join(ns.out, "manifests", name))
+        splits = ", ".join(f"{k}: {v.num_samples}" for k, v in manifest.splits.items())
+        print(f"  {manifest.modality:12} {splits}   ({os.path.join(ns.out, 'manifests', name)})")
+    return info
+
+
+def _convert(ns: argparse.Namespace):
+    from vlp.data.convert import convert_folder
+
+    kwargs = dict(
+        captions=ns.captions,
+        labels=ns.labels,
+        modality=ns.modality,
+        name=ns.name,
+        samples_per_shard=ns.samples_per_shard,
+        max_image_size=ns.max_image_size,
+        split=ns.split,
+    )
+    if ns.classnames:
+        kwargs["classnames"] = ns.classnames
+    manifest = convert_folder(ns.images, ns.out, **kwargs)
+    split = manifest.split(ns.split)
+    print(
+        f"wrote {split.num_samples} {manifest.modality_of(ns.split)} samples to {ns.out} "
+        f"(manifest: {os.path.join(ns.out, 'manifest.yaml')})"
+    )
+    return manifest
+
+
+# -- inspect ----------------------------------------------------------------------------------
+def count_local(urls: list[str]) -> tuple[int, Counter]:
+    """Samples and per-extension file counts of local tar shards (reads headers only)."""
+    keys, exts = 0, Counter()
+    for url in urls:
+        last = None
+        try:
+            with tarfile.open(url) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = os.path.basename(member.name)
+                    key, _, ext = base.partition(".")
+                    key = os.path.join(os.path.dirname(member.name), key)
+                    if key != last:
+                        keys, last = keys + 1, key
+                    exts[ext] += 1
+        except (OSError, tarfile.TarError) as e:
+            raise DataError(f"cannot read shard {url}: {e}") from None
+    return keys, exts
+
+
+def _guess_modality(exts: Counter) -> str:
+    images = {e for e in exts if e in DEFAULT_FIELDS["image"].split(";")}
+    if any(e[0].isdigit() for e in exts):
+        return "interleaved"
+    if images and "cls" in exts:
+        return "image"
+    if images and "txt" in exts:
+        return "pair"
+    if not images and "txt" in exts:
+        return "text"
+    return "retrieval" if images else "text"
+
+
+def _show(example: dict) -> str:
+    parts = []
+    for k, v in example.items():
+        if hasattr(v, "shape"):
+            parts.append(f"{k}: tensor{tuple(v.shape)}")
+        elif isinstance(v, list) and v and hasattr(v[0], "shape"):
+            parts.append(f"{k}: {len(v)} x tensor{tuple(v[0].shape)}")
+        else:
+            parts.append(f"{k}: {json.dumps(v) if not isinstance(v, str) else repr(v)}")
+    return "\n    ".join(parts)
+
+
+def _inspect(ns: argparse.Namespace) -> dict:
+    from vlp.data.pipeline import SampleDecoder, Skipped, read_shards
+    from vlp.data.transforms import ImageTransform
+
+    if ns.source.endswith((".yaml", ".yml")):
+        manifest = load_manifest(ns.source)
+        targets = [
+            (
+                f"{manifest.name}/{s}",
+                manifest.split(s).urls,
+                manifest.modality_of(s),
+                manifest.fields,
+                manifest.split(s).num_samples,
+            )
+            for s in ([ns.split] if ns.split else manifest.splits)
+        ]
+    else:
+        targets = [(ns.source, ns.source, ns.modality, dict(DEFAULT_FIELDS), None)]
+    report = {}
+    for name, pattern, modality, fields, declared in targets:
+        urls = expand_urls(pattern)
+        if not urls:
+            raise ConfigError(f"{name}: {pattern!r} matches no shards")
+        local = all(os.path.isfile(u) for u in urls)
+        count, exts = count_local(urls) if local else (None, Counter())
+        modality = modality or _guess_modality(exts)
+        print(f"{name}: {len(urls)} shard(s), modality {modality}")
+        print(
+            f"  samples: {count if count is not None else '?'}"
+            + (f" (manifest says {declared})" if declared is not None else "")
+        )
+        if exts:
+            print("  fields: " + ", ".join(f"{e} x{n}" for e, n in sorted(exts.items())))
+        decoder = SampleDecoder(modality, fields, ImageTransform(64))
+        shown = 0
+        for raw in read_shards(urls):
+            if shown >= ns.num:
+                break
+            example = decoder(raw)
+            label = example.key if isinstance(example, Skipped) else example.pop("key")
+            print(f"  [{shown}] {label}")
+            print("    " + (f"SKIPPED: {example.reason}" if isinstance(example, Skipped) else _show(example)))
+            shown += 1
+        report[name] = {
+            "shards": len(urls),
+            "samples": count,
+            "declared": declared,
+            "fields": dict(exts),
+            "modality": modality,
+        }
+    return report

