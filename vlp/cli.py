@@ -1,0 +1,161 @@
+"""The ``vlp`` command.
+
+    vlp fit      --config recipes/tiny/clip.yaml [--config more.yaml] [--key value ...]
+    vlp validate|test|predict --config RECIPE.yaml   (or --ckpt PATH: recipe restored from it)
+    vlp data synth|inspect|convert ...
+
+``fit``/``validate``/``test``/``predict`` are LightningCLI subcommands (model and data in
+subclass mode, so recipes name ``class_path``/``init_args``). Every checkpoint written
+by ``vlp fit`` carries its full recipe, so ``vlp test --ckpt PATH`` needs nothing else;
+the weights are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+
+from vlp.errors import CheckpointError, VLPError
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+CONFIG_KEY = "vlp_config"
+
+
+def _build_cli_class():
+    """Imported lazily so that ``vlp data ...`` starts without Lightning."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+    from vlp.models.base import VLPModule
+    from vlp.utils.checkpoint import load_state_dict
+
+    class ConfigToCheckpoint(SaveConfigCallback):
+        """Saves config.yaml to the log dir and the same YAML text into every checkpoint."""
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+            checkpoint[CONFIG_KEY] = self.parser.dump(self.config, skip_none=False)
+
+    class VLPCLI(LightningCLI):
+        def __init__(self, args: list[str], weights: str | None = None) -> None:
+            self.weights = weights
+            super().__init__(
+                VLPModule,
+                pl.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                save_config_callback=ConfigToCheckpoint,
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,
+                parser_kwargs={"default_env": False},
+                args=args,
+            )
+
+        def _load_weights(self) -> None:
+            if not self.weights:
+                return
+            state = load_state_dict(self.weights)
+            result = self.model.load_state_dict(state, strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise CheckpointError(
+                    f"checkpoint {self.weights} does not fit {type(self.model).__name__}: "
+                    f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:5]}), "
+                    f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:5]})"
+                )
+
+        before_validate = before_test = before_predict = _load_weights
+
+    return VLPCLI
+
+
+def _pop_ckpt(args: list[str]) -> tuple[list[str], str | None]:
+    """Remove ``--ckpt PATH`` / ``--ckpt=PATH`` from ``args``."""
+    out, ckpt, i = [], None, 0
+    while i < len(args):
+        if args[i] == "--ckpt":
+            if i + 1 >= len(args):
+                raise VLPError("--ckpt needs a path")
+            ckpt, i = args[i + 1], i + 2
+            continue
+        if args[i].startswith("--ckpt="):
+            ckpt = args[i].split("=", 1)[1]
+        else:
+            out.append(args[i])
+        i += 1
+    return out, ckpt
+
+
+def _config_from_checkpoint(path: str) -> str:
+    """The recipe YAML stored in a checkpoint by ``vlp fit``, ready for another subcommand."""
+    import yaml
+
+    from vlp.utils.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    text = ckpt.get(CONFIG_KEY) if isinstance(ckpt, dict) else None
+    if not text:
+        raise CheckpointError(
+            f"{path} carries no vlp recipe (it was not written by `vlp fit`); pass the recipe with --config"
+        )
+    config = yaml.safe_load(text)
+    for key in ("ckpt_path", "optimizer", "lr_scheduler"):  # fit-only keys
+        config.pop(key, None)
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def lightning_main(args: list[str]) -> object:
+    # vlp always hands LightningCLI its arguments explicitly (after taking --ckpt out)
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    import torch
+
+    # TF32 matmuls for 32-bit runs on GPUs (what Lightning's tensor-core warning asks for);
+    # set VLP_FLOAT32_MATMUL_PRECISION=highest for bit-exact fp32.
+    torch.set_float32_matmul_precision(os.environ.get("VLP_FLOAT32_MATMUL_PRECISION", "high"))
+    # raised inside Lightning's own batch handling with torch >= 2.10; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    args, ckpt = _pop_ckpt(args)
+    subcommand = args[0] if args else None
+    tmp = None
+    try:
+        if ckpt:
+            if subcommand not in ("validate", "test", "predict"):
+                raise VLPError("--ckpt goes with validate, test or predict (use --ckpt_path to resume a fit)")
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+                f.write(_config_from_checkpoint(ckpt))
+                tmp = f.name
+            args = [subcommand, "--config", tmp, *args[1:]]
+        return _build_cli_class()(args, weights=ckpt)
+    finally:
+        if tmp:
+            os.unlink(tmp)
+
+
+def cli_main(args: Sequence[str] | None = None) -> object:
+    """Run a ``vlp`` command and return what it made (the LightningCLI, or the result of a
+    ``vlp data`` command), so that Python code and tests can drive the CLI.
+
+    A :class:`~vlp.errors.VLPError` is printed as one ``error: ...`` paragraph and exits with 2.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    try:
+        if args and args[0] == "data":
+            from vlp.data.commands import data_main
+
+            return data_main(args[1:])
+        if not args or args[0] in LIGHTNING_SUBCOMMANDS or args[0].startswith("-"):
+            return lightning_main(args)
+        raise VLPError(f"unknown command {args[0]!r}; expected one of {', '.join(LIGHTNING_SUBCOMMANDS)}, data")
+    except VLPError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Entry point of the ``vlp`` console script."""
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

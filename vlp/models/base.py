@@ -1,0 +1,245 @@
+"""``VLPModule``: what every family shares.
+
+* the objective loop: run every objective whose modalities match the batch, sum
+  ``weight * <name>_loss``, log every returned value under ``train/``;
+* the optimiser: AdamW with weight-decay groups (``p.ndim >= 2`` and not in a
+  module's ``no_weight_decay()``), per-prefix learning-rate multipliers, and a
+  warm-up + cosine/linear/constant schedule stepped every optimiser step;
+* ``init_from``: start fine-tuning from a checkpoint (loaded with ``weights_only=True``);
+* checks before step 1 that every objective gets the outputs it needs.
+
+A family subclasses it, sets ``output_type`` and implements ``forward(batch)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from vlp.errors import ConfigError
+from vlp.models.outputs import VLPOutput
+from vlp.objectives.base import Objective
+from vlp.utils.checkpoint import load_state_dict
+
+log = logging.getLogger("vlp")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule settings.
+
+    Args:
+        lr: peak learning rate (of parameters with multiplier 1).
+        weight_decay: AdamW decoupled weight decay (matrices only).
+        betas / eps: AdamW settings.
+        warmup_steps: linear warm-up length; a value below 1 is a fraction of all steps.
+        schedule: "cosine", "linear" (decay to min) or "constant" after warm-up.
+        min_lr_ratio: final learning rate as a fraction of the peak.
+        lr_mult: parameter-name prefix → learning-rate multiplier, e.g.
+            ``{"fusion": 5.0, "itm": 5.0}`` (METER: 5x for newly initialised layers).
+            The longest matching prefix wins.
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: float = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    lr_mult: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optim.schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ConfigError("optim.lr must be > 0 and optim.warmup_steps >= 0")
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at ``step``: linear warm-up, then the chosen decay."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+class _Schedule:
+    """Picklable lr lambda (checkpoints store its settings, never code)."""
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs = kwargs
+
+    def __call__(self, step: int) -> float:
+        return lr_lambda(step, **self.kwargs)
+
+
+class VLPModule(pl.LightningModule):
+    """Base LightningModule of all families.
+
+    Args:
+        objectives: training objectives (see ``vlp.objectives``).
+        optim: optimiser and schedule settings.
+        init_from: checkpoint to initialise the weights from before fitting
+            (a vlp/Lightning checkpoint or a plain state dict; ``weights_only=True``).
+    """
+
+    output_type: ClassVar[type[VLPOutput]] = VLPOutput
+
+    def __init__(
+        self,
+        objectives: list[Objective] | None = None,
+        *,
+        optim: OptimConfig | None = None,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.objectives = nn.ModuleList(objectives or [])
+        names = [o.name for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"two objectives share a name: {names}")
+        self.optim = optim or OptimConfig()
+        self.init_from = init_from
+        self._checked_modalities: set = set()
+        for objective in self.objectives:
+            objective.check(self.output_type, type(self).__name__)
+
+    # -- to implement ---------------------------------------------------------------------
+    def forward(self, batch: dict) -> VLPOutput:
+        raise NotImplementedError
+
+    # -- training -------------------------------------------------------------------------
+    def objectives_for(self, batch: dict) -> list[Objective]:
+        modality = batch.get("modality", "pair")
+        return [o for o in self.objectives if modality in o.modalities]
+
+    def compute_objectives(
+        self, output: VLPOutput, batch: dict, objectives: list[Objective]
+    ) -> tuple[torch.Tensor, dict]:
+        """Run the objectives; return the weighted total loss and every named value."""
+        values: dict[str, torch.Tensor] = {}
+        total = None
+        for objective in objectives:
+            result = objective(output, batch, self)
+            key = f"{objective.name}_loss"
+            if key not in result:
+                raise KeyError(f"{type(objective).__name__} returned {sorted(result)} without {key!r}")
+            values.update(result)
+            total = objective.weight * result[key] if total is None else total + objective.weight * result[key]
+        return total, values
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        objectives = self.objectives_for(batch)
+        if batch.get("modality") not in self._checked_modalities:  # first batch of each modality
+            for o in objectives:
+                o.check_batch(batch)
+            self._checked_modalities.add(batch.get("modality"))
+        if not objectives:
+            raise ConfigError(
+                f"no objective of {type(self).__name__} handles {batch.get('modality')!r} batches; "
+                f"objectives: {[(o.name, o.modalities) for o in self.objectives]}"
+            )
+        output = self(batch)
+        loss, values = self.compute_objectives(output, batch, objectives)
+        bs = batch_size_of(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for k, v in values.items():
+            self.log(f"train/{k}", v, prog_bar=k.endswith("_loss") and len(values) > 2, batch_size=bs)
+        if "num_skipped" in batch:
+            self.log("train/skipped", float(batch["num_skipped"]), on_step=False, on_epoch=True, reduce_fx="sum")
+        return loss
+
+    # -- optimisation ---------------------------------------------------------------------
+    def no_weight_decay_names(self) -> set[str]:
+        """Full parameter names listed by submodules' ``no_weight_decay()`` (timm convention)."""
+        names: set[str] = set()
+        for prefix, module in self.named_modules():
+            fn = getattr(module, "no_weight_decay", None)
+            if callable(fn) and module is not self:
+                names |= {f"{prefix}.{n}" if prefix else n for n in fn()}
+        return names
+
+    def param_groups(self) -> list[dict]:
+        """Parameter groups: (lr multiplier) x (decay / no decay)."""
+        skip = self.no_weight_decay_names()
+        prefixes = sorted(self.optim.lr_mult, key=len, reverse=True)
+        unused = set(prefixes)
+        groups: dict[tuple[float, bool], dict] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            mult = 1.0
+            for prefix in prefixes:
+                if name == prefix or name.startswith(prefix + "."):
+                    mult = self.optim.lr_mult[prefix]
+                    unused.discard(prefix)
+                    break
+            decay = p.ndim >= 2 and name not in skip
+            g = groups.setdefault((mult, decay), {"params": [], "names": [], "lr_mult": mult})
+            g["params"].append(p)
+            g["names"].append(name)
+            g["weight_decay"] = self.optim.weight_decay if decay else 0.0
+        if unused:
+            raise ConfigError(f"optim.lr_mult prefixes match no trainable parameter: {sorted(unused)}")
+        for g in groups.values():
+            g["lr"] = self.optim.lr * g["lr_mult"]
+        return list(groups.values())
+
+    def configure_optimizers(self):
+        groups = self.param_groups()
+        # fused AdamW is the fastest on GPUs, but Lightning cannot clip gradients of a fused
+        # optimizer under mixed precision: fall back to the (default) foreach kernels then.
+        clipping = bool(self._trainer is not None and self.trainer.gradient_clip_val)
+        fused = self.device.type == "cuda" and not clipping
+        opt_groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+        optimizer = torch.optim.AdamW(
+            opt_groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, fused=fused
+        )
+        total = int(self.trainer.estimated_stepping_batches) if self.trainer else 0
+        if not math.isfinite(total) or total <= 0:
+            total = 0
+        warmup = self.optim.warmup_steps
+        warmup = int(warmup * total) if 0 < warmup < 1 else int(warmup)
+        schedule = _Schedule(
+            warmup=warmup, total=total, schedule=self.optim.schedule, min_ratio=self.optim.min_lr_ratio
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- reporting ------------------------------------------------------------------------
+    def report(self, text: str) -> None:
+        """Print a result table to stdout, once (on global rank zero)."""
+        if self._trainer is None or self.trainer.is_global_zero:
+            print(text, flush=True)
+
+    # -- initialisation from a checkpoint -------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.init_from and not (self.trainer and self.trainer.ckpt_path):
+            state = load_state_dict(self.init_from)
+            missing, unexpected = self.load_state_dict(state, strict=False)
+            log.info("init_from %s: %d missing, %d unexpected keys", self.init_from, len(missing), len(unexpected))
+            if missing:
+                log.warning("init_from: not in checkpoint (newly initialised): %s", _short(missing))
+            if unexpected:
+                log.warning("init_from: in checkpoint but unused: %s", _short(unexpected))
+
+
+def batch_size_of(batch: dict) -> int:
+    """Samples in a collated batch (images, texts or interleaved documents)."""
+    for key in ("image", "text_ids", "images"):
+        if key in batch:
+            return int(batch[key].shape[0])
+    return 1
+
+
+def _short(keys: list[str], n: int = 20) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")

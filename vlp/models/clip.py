@@ -1,0 +1,138 @@
+"""CLIP-style dual encoder (Radford et al., 2021): the baseline of every other family.
+
+    image ─► image_encoder ─► pooled ─► image_proj ─► L2 norm ─┐
+                                                               ├─► ITC (learnable temperature)
+    text  ─► text_encoder  ─► pooled ─► text_proj  ─► L2 norm ─┘
+
+Evaluation: image↔text retrieval R@1/5/10 over the whole split (several captions per
+image allowed), gathered across ranks; the table is printed after ``vlp test``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp.encoders.base import Encoder
+from vlp.errors import ConfigError
+from vlp.eval.retrieval import RetrievalMetric, chance_recall, format_table
+from vlp.models.base import OptimConfig, VLPModule
+from vlp.models.outputs import DualEncoderOutput
+from vlp.objectives.base import Objective
+from vlp.objectives.itc import ITC
+
+
+def make_projection(in_dim: int, out_dim: int, kind: str) -> nn.Module:
+    """ "linear" (CLIP), "mlp" (Linear-GELU-Linear, SimCLR-style) or "none" (identity)."""
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim, bias=False)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
+    if kind == "none":
+        if in_dim != out_dim:
+            raise ConfigError(f"projection 'none' needs equal widths, got {in_dim} -> {out_dim}")
+        return nn.Identity()
+    raise ConfigError(f"unknown projection {kind!r}; expected linear, mlp or none")
+
+
+class CLIP(VLPModule):
+    """Dual encoder trained with image-text contrastive learning.
+
+    Args:
+        image_encoder: vision tower (``vlp.encoders``), its pooled output is projected.
+        text_encoder: text tower.
+        objectives: default ``[ITC()]``.
+        embed_dim: width of the shared embedding space.
+        projection: "linear", "mlp" or "none".
+        lock_image: freeze the image tower (LiT), leaving this many top layer groups trainable.
+        lock_text: the same for the text tower.
+        optim / init_from: see :class:`~vlp.models.base.VLPModule`.
+    """
+
+    output_type = DualEncoderOutput
+
+    def __init__(
+        self,
+        image_encoder: Encoder,
+        text_encoder: Encoder,
+        objectives: list[Objective] | None = None,
+        *,
+        embed_dim: int = 512,
+        projection: str = "linear",
+        lock_image: int | None = None,
+        lock_text: int | None = None,
+        optim: OptimConfig | None = None,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__(objectives if objectives is not None else [ITC()], optim=optim, init_from=init_from)
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.image_proj = make_projection(image_encoder.pooled_dim, embed_dim, projection)
+        self.text_proj = make_projection(text_encoder.pooled_dim, embed_dim, projection)
+        if lock_image is not None:
+            image_encoder.lock(unlocked_layers=lock_image)
+        if lock_text is not None:
+            text_encoder.lock(unlocked_layers=lock_text)
+        self.metrics = nn.ModuleDict()
+        self.results: dict[str, dict] = {}
+
+    # -- the model ------------------------------------------------------------------------
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        pooled = self.image_encoder(image).pooled  # (B, Dv)
+        return F.normalize(self.image_proj(pooled), dim=-1)  # (B, E)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.text_encoder(input_ids, attention_mask).pooled  # (B, Dt)
+        return F.normalize(self.text_proj(pooled), dim=-1)  # (B, E)
+
+    def forward(self, batch: dict) -> DualEncoderOutput:
+        return DualEncoderOutput(
+            image_embeds=self.encode_image(batch["image"]),
+            text_embeds=self.encode_text(batch["text_ids"], batch["text_mask"]),
+        )
+
+    # -- evaluation -----------------------------------------------------------------------
+    def _metric(self, stage: str, idx: int) -> RetrievalMetric:
+        key = f"{stage}_{idx}"
+        if key not in self.metrics:
+            self.metrics[key] = RetrievalMetric().to(self.device)
+        return self.metrics[key]
+
+    def _eval_step(self, stage: str, batch: dict, idx: int) -> None:
+        if batch["modality"] not in ("pair", "retrieval"):
+            raise ConfigError(f"CLIP evaluates pair or retrieval data, got a {batch['modality']!r} source")
+        image = self.encode_image(batch["image"])
+        text = self.encode_text(batch["text_ids"], batch["text_mask"])
+        self._metric(stage, idx).update(image, batch["image_id"], text, batch["text_image_id"])
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        names = self._source_names(stage)
+        for key in sorted(k for k in self.metrics if k.startswith(stage + "_")):
+            metric = self.metrics.pop(key)
+            idx = int(key.rsplit("_", 1)[1])
+            prefix = stage if len(names) <= 1 else f"{stage}/{names[idx]}"
+            scores = metric.compute()
+            counts = {k: scores.pop(k) for k in ("num_images", "num_texts")}
+            chance = chance_recall(counts["num_images"], counts["num_texts"])
+            self.log_dict({f"{prefix}/{k}": v for k, v in scores.items()}, rank_zero_only=True)
+            self.results[prefix] = {"scores": scores, "chance": chance, **counts}
+            if stage == "test":
+                title = f"{names[idx] if names else stage} retrieval ({counts['num_images']} images, {counts['num_texts']} texts)"
+                self.report("\n" + format_table(scores, chance, title=title) + "\n")
+
+    def _source_names(self, stage: str) -> list[str]:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        return dm.eval_source_names(stage) if hasattr(dm, "eval_source_names") else []
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
