@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["blocks", "callbacks", "data", "encoders", "eval", "models", "objectives", "utils"]
+__all__ = ["blocks", "callbacks", "convert", "data", "encoders", "eval", "models", "objectives", "utils"]
 
 
 def __getattr__(name: str):

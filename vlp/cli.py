@@ -3,6 +3,7 @@
     vlp fit      --config recipes/tiny/clip.yaml [--config more.yaml] [--key value ...]
     vlp validate|test|predict --config RECIPE.yaml   (or --ckpt PATH: recipe restored from it)
     vlp data synth|inspect|convert ...
+    vlp convert albef CKPT --out PATH [--config RECIPE]   (official checkpoints -> vlp weights)
 
 ``fit``/``validate``/``test``/``predict`` are LightningCLI subcommands (model and data in
 subclass mode, so recipes name ``class_path``/``init_args``). Every checkpoint written
@@ -134,7 +135,7 @@ def lightning_main(args: list[str]) -> object:
 
 def cli_main(args: Sequence[str] | None = None) -> object:
     """Run a ``vlp`` command and return what it made (the LightningCLI, or the result of a
-    ``vlp data`` command), so that Python code and tests can drive the CLI.
+    ``vlp data`` / ``vlp convert`` command), so that Python code and tests can drive the CLI.
 
     A :class:`~vlp.errors.VLPError` is printed as one ``error: ...`` paragraph and exits with 2.
     """
@@ -144,9 +145,15 @@ def cli_main(args: Sequence[str] | None = None) -> object:
             from vlp.data.commands import data_main
 
             return data_main(args[1:])
+        if args and args[0] == "convert":
+            from vlp.convert.commands import convert_main
+
+            return convert_main(args[1:])
         if not args or args[0] in LIGHTNING_SUBCOMMANDS or args[0].startswith("-"):
             return lightning_main(args)
-        raise VLPError(f"unknown command {args[0]!r}; expected one of {', '.join(LIGHTNING_SUBCOMMANDS)}, data")
+        raise VLPError(
+            f"unknown command {args[0]!r}; expected one of {', '.join(LIGHTNING_SUBCOMMANDS)}, data, convert"
+        )
     except VLPError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

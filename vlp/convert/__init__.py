@@ -1,0 +1,26 @@
+"""Checkpoint converters: weights of other code bases → vlp models.
+
+``vlp convert albef CKPT --out PATH [--config RECIPE]`` (see :mod:`vlp.convert.albef`).
+"""
+
+from vlp.convert.albef import (
+    ConversionReport,
+    albef_from_recipe,
+    albef_recipe_from_state,
+    albef_to_vlp,
+    convert_albef,
+    interpolate_pos_embed,
+    map_albef_keys,
+    vlp_to_albef,
+)
+
+__all__ = [
+    "ConversionReport",
+    "albef_from_recipe",
+    "albef_recipe_from_state",
+    "albef_to_vlp",
+    "convert_albef",
+    "interpolate_pos_embed",
+    "map_albef_keys",
+    "vlp_to_albef",
+]

@@ -1,0 +1,36 @@
+"""``vlp convert albef``: official checkpoints → vlp state dicts."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlp convert", description="Convert other code bases' checkpoints to vlp.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("albef", help="an ALBEF / LAVIS ALBEF checkpoint -> a vlp ALBEF state dict")
+    a.add_argument("ckpt", help="ALBEF or LAVIS checkpoint (.pth), read with torch.load(weights_only=True)")
+    a.add_argument("--out", required=True, help="output file: *.safetensors, or a torch file ({'state_dict': ...})")
+    a.add_argument(
+        "--config",
+        default=None,
+        help="recipe YAML whose model to fill (default: a model with the checkpoint's shapes, printed as a recipe)",
+    )
+    a.add_argument("--head-dim", type=int, default=64, help="attention head width when inferring the model (64)")
+    a.add_argument("--strict", action="store_true", help="fail unless every key is known and every weight filled")
+    return parser
+
+
+def convert_main(args: list[str]) -> object:
+    ns = _parser().parse_args(args)
+    from vlp.convert.albef import convert_albef
+
+    report = convert_albef(ns.ckpt, ns.out, ns.config, head_dim=ns.head_dim, strict=ns.strict)
+    print(report.summary())
+    if report.recipe is not None:
+        import yaml
+
+        print("\nmodel built from the checkpoint's shapes; its recipe section (add the objectives' settings you need):")
+        print(yaml.safe_dump({"model": report.recipe}, sort_keys=False).rstrip())
+    print(f"\nwrote {ns.out}")
+    return report
