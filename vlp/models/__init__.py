@@ -1,7 +1,8 @@
 """Model families: one LightningModule each, assembled from shared blocks and objectives."""
 
+from vlp.models.albef import ALBEF, ALBEFOutput
 from vlp.models.base import OptimConfig, VLPModule
 from vlp.models.clip import CLIP
 from vlp.models.outputs import DualEncoderOutput, VLPOutput
 
-__all__ = ["CLIP", "DualEncoderOutput", "OptimConfig", "VLPModule", "VLPOutput"]
+__all__ = ["ALBEF", "ALBEFOutput", "CLIP", "DualEncoderOutput", "OptimConfig", "VLPModule", "VLPOutput"]

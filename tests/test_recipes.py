@@ -1,0 +1,54 @@
+"""Every recipe and every ablation override parses (keys, types, class paths) without
+building anything, and the tiny ablations build a model with the intended objectives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from jsonargparse import ArgumentParser
+
+from vlp.cli import cli_main
+from vlp.models import ALBEF
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "ablations" not in p.parts)
+ABLATIONS = sorted((REPO / "recipes" / "ablations").glob("*.yaml"))
+
+
+def _base_of(ablation: Path) -> Path:
+    return REPO / "recipes" / ("tiny/albef.yaml" if "_tiny_" in ablation.name else "albef_4m.yaml")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_recipe_parses(recipe, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--config", str(recipe), "--print_config"])
+    assert e.value.code in (0, None)
+    assert "class_path" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda p: p.name)
+def test_ablation_stacks_on_its_base(ablation, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--config", str(_base_of(ablation)), "--config", str(ablation), "--print_config"])
+    assert e.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    names = [o["class_path"].rsplit(".", 1)[1] for o in printed["model"]["init_args"]["objectives"]]
+    assert ("MomentumITC" in names) == ("_itc_" in ablation.name)
+
+
+@pytest.mark.parametrize("ablation", [a for a in ABLATIONS if "_tiny_" in a.name], ids=lambda p: p.name)
+def test_tiny_ablations_build(ablation):
+    config = yaml.safe_load((REPO / "recipes/tiny/albef.yaml").read_text())["model"]
+    override = yaml.safe_load(ablation.read_text())["model"]["init_args"]
+    config["init_args"].update(override)
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(ALBEF, "model")
+    model = parser.instantiate(parser.parse_object({"model": config})).model
+    assert [o.name for o in model.objectives] == (["itc"] if "_itc_" in ablation.name else []) + ["itm", "mlm"]
+    itm, mlm = model.objectives[-2], model.objectives[-1]
+    assert itm.hard_negatives == ("hard" in ablation.name)
+    assert mlm.distill == ablation.name.endswith("_mod.yaml")
+    assert model.use_momentum == ("_itc_" in ablation.name)

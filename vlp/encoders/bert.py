@@ -1,0 +1,150 @@
+"""BERT layers as vlp blocks: the multimodal (fusion) half of ALBEF-style text encoders.
+
+ALBEF splits a 12-layer BERT: the first layers encode text alone (``HFTextEncoder`` with
+``num_hidden_layers`` set), the remaining ones gain a cross-attention to image tokens
+between self-attention and the feed-forward. :class:`BertFusion` builds those layers from
+vlp's post-norm :class:`~vlp.blocks.TransformerBlock` and can take their self-attention
+and feed-forward weights from a pretrained BERT (cross-attention starts fresh, as in the
+paper). :func:`bert_layer_to_block` is the weight mapping, shared with the checkpoint
+converters:
+
+==========================================  ===================================
+Hugging Face ``BertLayer``                   vlp ``TransformerBlock``
+==========================================  ===================================
+attention.self.{query,key,value}             attn.qkv (rows: q | k | v)
+attention.output.dense                       attn.proj
+attention.output.LayerNorm                   norm1
+crossattention.self.query                    cross_attn.q
+crossattention.self.{key,value}              cross_attn.kv (rows: k | v)
+crossattention.output.dense                  cross_attn.proj
+crossattention.output.LayerNorm              norm_cross
+intermediate.dense                           mlp.fc1
+output.dense                                 mlp.fc2
+output.LayerNorm                             norm2
+==========================================  ===================================
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vlp.blocks import Transformer
+from vlp.errors import CheckpointError, ConfigError
+
+
+def bert_layer_to_block(state: dict[str, Tensor], *, cross_attention: bool) -> dict[str, Tensor]:
+    """One Hugging Face ``BertLayer`` state dict (keys relative to the layer) → the state
+    dict of a post-norm ``TransformerBlock``. Raises ``CheckpointError`` naming missing keys."""
+    out: dict[str, Tensor] = {}
+
+    def take(key: str) -> Tensor:
+        if key not in state:
+            raise CheckpointError(f"BERT layer weights lack {key!r} (have {sorted(state)[:8]}...)")
+        return state[key]
+
+    for part in ("weight", "bias"):
+        out[f"attn.qkv.{part}"] = torch.cat([take(f"attention.self.{n}.{part}") for n in ("query", "key", "value")])
+        out[f"attn.proj.{part}"] = take(f"attention.output.dense.{part}")
+        out[f"norm1.{part}"] = take(f"attention.output.LayerNorm.{part}")
+        out[f"mlp.fc1.{part}"] = take(f"intermediate.dense.{part}")
+        out[f"mlp.fc2.{part}"] = take(f"output.dense.{part}")
+        out[f"norm2.{part}"] = take(f"output.LayerNorm.{part}")
+        if cross_attention:
+            out[f"cross_attn.q.{part}"] = take(f"crossattention.self.query.{part}")
+            out[f"cross_attn.kv.{part}"] = torch.cat(
+                [take(f"crossattention.self.{n}.{part}") for n in ("key", "value")]
+            )
+            out[f"cross_attn.proj.{part}"] = take(f"crossattention.output.dense.{part}")
+            out[f"norm_cross.{part}"] = take(f"crossattention.output.LayerNorm.{part}")
+    return out
+
+
+def block_to_bert_layer(state: dict[str, Tensor], *, cross_attention: bool) -> dict[str, Tensor]:
+    """Inverse of :func:`bert_layer_to_block`."""
+    out: dict[str, Tensor] = {}
+    for part in ("weight", "bias"):
+        for name, t in zip(("query", "key", "value"), state[f"attn.qkv.{part}"].chunk(3), strict=True):
+            out[f"attention.self.{name}.{part}"] = t
+        out[f"attention.output.dense.{part}"] = state[f"attn.proj.{part}"]
+        out[f"attention.output.LayerNorm.{part}"] = state[f"norm1.{part}"]
+        out[f"intermediate.dense.{part}"] = state[f"mlp.fc1.{part}"]
+        out[f"output.dense.{part}"] = state[f"mlp.fc2.{part}"]
+        out[f"output.LayerNorm.{part}"] = state[f"norm2.{part}"]
+        if cross_attention:
+            out[f"crossattention.self.query.{part}"] = state[f"cross_attn.q.{part}"]
+            for name, t in zip(("key", "value"), state[f"cross_attn.kv.{part}"].chunk(2), strict=True):
+                out[f"crossattention.self.{name}.{part}"] = t
+            out[f"crossattention.output.dense.{part}"] = state[f"cross_attn.proj.{part}"]
+            out[f"crossattention.output.LayerNorm.{part}"] = state[f"norm_cross.{part}"]
+    return out
+
+
+class BertFusion(Transformer):
+    """Post-norm BERT layers with cross-attention to another modality's tokens.
+
+    ``forward(text_tokens, mask=text_mask, context=image_tokens, context_mask=image_mask)``
+    → (B, L, dim). Masks are True at real tokens.
+
+    Args:
+        dim / depth / num_heads / mlp_ratio: BERT's hidden size, layers, heads, FFN ratio.
+        context_dim: width of the tokens attended to (e.g. the ViT's width).
+        drop / attn_drop: BERT's hidden and attention dropout (0.1 in bert-base).
+        norm_eps: BERT's LayerNorm epsilon.
+        init_from: Hugging Face BERT (hub name or local folder) whose layers
+            ``init_from_layer ... init_from_layer + depth - 1`` initialise self-attention and
+            feed-forward; cross-attention keeps its fresh init (ALBEF: layers 6-11 of
+            bert-base-uncased). ``None``: random init.
+        init_from_layer: first BERT layer to copy.
+    """
+
+    def __init__(
+        self,
+        dim: int = 768,
+        depth: int = 6,
+        num_heads: int = 12,
+        *,
+        context_dim: int = 768,
+        mlp_ratio: float = 4.0,
+        drop: float = 0.1,
+        attn_drop: float = 0.1,
+        norm_eps: float = 1e-12,
+        init_from: str | None = None,
+        init_from_layer: int = 0,
+    ) -> None:
+        super().__init__(
+            dim,
+            depth,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            pre_norm=False,
+            final_norm=False,
+            cross_attention=True,
+            context_dim=context_dim,
+            drop=drop,
+            attn_drop=attn_drop,
+            norm_eps=norm_eps,
+        )
+        self.dim = dim
+        if init_from is not None:
+            self.load_bert_layers(init_from, init_from_layer)
+
+    def load_bert_layers(self, name_or_path: str, first: int) -> None:
+        """Copy self-attention and feed-forward weights of BERT layers ``first...`` in."""
+        from transformers import AutoModel
+
+        from vlp.encoders.text import load_hf_model
+
+        bert = load_hf_model(AutoModel, name_or_path, None, add_pooling_layer=False)
+        layers = bert.encoder.layer
+        if first + len(self.blocks) > len(layers):
+            raise ConfigError(
+                f"BertFusion: {name_or_path} has {len(layers)} layers; cannot take {len(self.blocks)} from layer {first}"
+            )
+        if bert.config.hidden_size != self.dim:
+            raise ConfigError(f"BertFusion: {name_or_path} is {bert.config.hidden_size} wide, the fusion {self.dim}")
+        for block, layer in zip(self.blocks, layers[first:], strict=False):
+            mapped = bert_layer_to_block(layer.state_dict(), cross_attention=False)
+            missing, unexpected = block.load_state_dict(mapped, strict=False)
+            assert not unexpected, unexpected
+            assert all(k.startswith(("cross_attn.", "norm_cross.")) for k in missing), missing

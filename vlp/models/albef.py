@@ -1,0 +1,326 @@
+"""ALBEF: Align before Fuse (Li et al., NeurIPS 2021).
+
+    image ─► image_encoder (ViT) ─► tokens ──────────────┬─► fusion (BERT layers with
+    text  ─► text_encoder (first BERT layers) ─► tokens ─┴─    cross-attention) ─► ITM / MLM
+    CLS features ─► image_proj / text_proj ─► ITC (momentum queue + distillation)
+
+Momentum (EMA) copies of the encoders, fusion, projections and the MLM head give the
+queue features and the distillation targets. They are updated in ``on_train_batch_end``
+after the optimiser step, never in forward; with the EMA taken right after step t-1 this
+equals the paper's update at the start of step t. Evaluation: retrieval over the whole
+split, ITC similarities first, then ITM re-ranking of the top-k candidates.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp.encoders.base import Encoder
+from vlp.errors import ConfigError
+from vlp.eval.retrieval import chance_recall
+from vlp.models.base import OptimConfig, VLPModule
+from vlp.models.outputs import VLPOutput
+from vlp.objectives.base import Objective
+from vlp.objectives.distributed import gather_no_grad
+
+
+@dataclass
+class ALBEFOutput(VLPOutput):
+    image_tokens: torch.Tensor | None = None  # (B, Li, Dv) ViT tokens, CLS first
+    text_tokens: torch.Tensor | None = None  # (B, Lt, Dt) unimodal text tokens
+    text_mask: torch.Tensor | None = None  # (B, Lt) bool
+    image_embeds: torch.Tensor | None = None  # (B, E) normalised
+    text_embeds: torch.Tensor | None = None  # (B, E) normalised
+    fused_cls: torch.Tensor | None = None  # (B, Dt) fused CLS of the matched pairs
+    image_tokens_m: torch.Tensor | None = None  # (B, Li, Dv) momentum
+    image_embeds_m: torch.Tensor | None = None  # (B, E) momentum
+    text_embeds_m: torch.Tensor | None = None  # (B, E) momentum
+
+
+class ALBEF(VLPModule):
+    """Align-before-fuse vision-language model.
+
+    Args:
+        image_encoder: ViT (``vlp.encoders.TimmVisionEncoder``); its token sequence is used.
+        text_encoder: the unimodal BERT layers (``HFTextEncoder`` with ``num_hidden_layers``
+            set to the fusion layer, 6 for BERT-base).
+        fusion: the multimodal layers (``vlp.encoders.BertFusion``), cross-attending to
+            image tokens.
+        objectives: e.g. ``[MomentumITC, ITM, MLM]`` from ``vlp.objectives``.
+        embed_dim: ITC feature width (256).
+        momentum: EMA coefficient of the momentum copies (0.995).
+        alpha: distillation weight (0.4), ramped linearly from 0 over ``alpha_ramp_steps``
+            (default: the first epoch, as in the paper).
+        use_momentum: build the momentum copies (needed by MomentumITC and distillation).
+        rerank_k: candidates per query re-ranked by ITM at evaluation (paper: 128/256).
+        optim / init_from: see :class:`~vlp.models.base.VLPModule`.
+    """
+
+    output_type = ALBEFOutput
+
+    def __init__(
+        self,
+        image_encoder: Encoder,
+        text_encoder: Encoder,
+        fusion: nn.Module,
+        objectives: list[Objective] | None = None,
+        *,
+        embed_dim: int = 256,
+        momentum: float = 0.995,
+        alpha: float = 0.4,
+        alpha_ramp_steps: int | None = None,
+        use_momentum: bool = True,
+        rerank_k: int = 128,
+        optim: OptimConfig | None = None,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__(objectives, optim=optim, init_from=init_from)
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.fusion = fusion
+        self.image_proj = nn.Linear(image_encoder.dim, embed_dim)
+        self.text_proj = nn.Linear(text_encoder.dim, embed_dim)
+        self.momentum = momentum
+        self.alpha = alpha
+        self.alpha_ramp_steps = alpha_ramp_steps
+        self.rerank_k = rerank_k
+        self.use_momentum = use_momentum
+        needs = [o.name for o in self.objectives if getattr(o, "needs_momentum", False)]
+        if needs and not use_momentum:
+            raise ConfigError(f"objectives {needs} need the momentum model; set use_momentum: true")
+        self._online = ["image_encoder", "text_encoder", "fusion", "image_proj", "text_proj"]
+        if use_momentum:
+            for name in self._online:
+                twin = copy.deepcopy(getattr(self, name))
+                twin.requires_grad_(False)
+                setattr(self, name + "_m", twin)
+        self._eval: dict[str, list] = {}
+        self.results: dict[str, dict] = {}
+
+    # -- the model ------------------------------------------------------------------------
+    def _suffix(self, momentum: bool) -> str:
+        if momentum and not self.use_momentum:
+            raise ConfigError("ALBEF was built with use_momentum: false")
+        return "_m" if momentum else ""
+
+    def encode_image(self, image: torch.Tensor, momentum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ ViT tokens (B, Li, Dv) and the normalised ITC feature (B, E)."""
+        s = self._suffix(momentum)
+        tokens = getattr(self, "image_encoder" + s)(image).tokens  # (B, Li, Dv)
+        return tokens, F.normalize(getattr(self, "image_proj" + s)(tokens[:, 0]), dim=-1)
+
+    def encode_text(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, momentum: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ unimodal text tokens (B, Lt, Dt) and the normalised ITC feature (B, E)."""
+        s = self._suffix(momentum)
+        tokens = getattr(self, "text_encoder" + s)(input_ids, mask).tokens  # (B, Lt, Dt)
+        return tokens, F.normalize(getattr(self, "text_proj" + s)(tokens[:, 0]), dim=-1)
+
+    def fuse(
+        self,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        image_tokens: torch.Tensor,
+        momentum: bool = False,
+    ) -> torch.Tensor:
+        """Multimodal layers: text tokens cross-attending to image tokens → (B, Lt, Dt)."""
+        fusion = getattr(self, "fusion" + self._suffix(momentum))
+        return fusion(text_tokens, mask=text_mask.bool(), context=image_tokens)
+
+    def mlm_hidden(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor, momentum: bool = False
+    ) -> torch.Tensor:
+        """Masked text through the text and fusion layers → (B, Lt, Dt)."""
+        tokens = getattr(self, "text_encoder" + self._suffix(momentum))(input_ids, mask).tokens
+        return self.fuse(tokens, mask, image_tokens, momentum=momentum)
+
+    def word_embeddings(self, momentum: bool = False) -> torch.Tensor:
+        """The text encoder's input embedding matrix (V, Dt), tied to the MLM decoder."""
+        encoder = getattr(self, "text_encoder" + self._suffix(momentum))
+        return encoder.model.get_input_embeddings().weight
+
+    @property
+    def distill_alpha(self) -> float:
+        """alpha, ramped linearly over the first epoch (or ``alpha_ramp_steps``)."""
+        trainer = self._trainer
+        if trainer is None:
+            return self.alpha
+        ramp = self.alpha_ramp_steps
+        if ramp is None:
+            if trainer.current_epoch > 0:
+                return self.alpha
+            ramp = trainer.num_training_batches
+        if not ramp or ramp == float("inf"):
+            return self.alpha
+        return self.alpha * min(1.0, self.global_step / ramp)
+
+    def forward(self, batch: dict) -> ALBEFOutput:
+        mask = batch["text_mask"].bool()
+        image_tokens, image_embeds = self.encode_image(batch["image"])
+        text_tokens, text_embeds = self.encode_text(batch["text_ids"], mask)
+        out = ALBEFOutput(
+            image_tokens=image_tokens,
+            text_tokens=text_tokens,
+            text_mask=mask,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+        )
+        if any(o.name == "itm" for o in self.objectives):
+            out.fused_cls = self.fuse(text_tokens, mask, image_tokens)[:, 0]  # (B, Dt)
+        if self.use_momentum and self.training:
+            with torch.no_grad():
+                out.image_tokens_m, out.image_embeds_m = self.encode_image(batch["image"], momentum=True)
+                _, out.text_embeds_m = self.encode_text(batch["text_ids"], mask, momentum=True)
+        return out
+
+    # -- momentum and queues: after the optimiser step ----------------------------------------
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        pairs = [(getattr(self, n), getattr(self, n + "_m")) for n in self._online] if self.use_momentum else []
+        for o in self.objectives:
+            if hasattr(o, "momentum_pairs"):
+                pairs += o.momentum_pairs()
+        return pairs
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        m = self.momentum
+        online, twins = [], []
+        for a, b in self.momentum_pairs():
+            online += list(a.parameters())
+            twins += list(b.parameters())
+        if twins:
+            torch._foreach_mul_(twins, m)
+            torch._foreach_add_(twins, online, alpha=1 - m)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.momentum_update()
+        for o in self.objectives:
+            if hasattr(o, "after_step"):
+                o.after_step()
+
+    # -- evaluation: ITC over the split, then ITM re-ranking ------------------------------------
+    def _eval_step(self, stage: str, batch: dict, idx: int) -> None:
+        if batch["modality"] not in ("pair", "retrieval"):
+            raise ConfigError(f"ALBEF evaluates pair or retrieval data, got a {batch['modality']!r} source")
+        image_tokens, image_embeds = self.encode_image(batch["image"])
+        mask = batch["text_mask"].bool()
+        text_tokens, text_embeds = self.encode_text(batch["text_ids"], mask)
+        store = self._eval.setdefault(f"{stage}_{idx}", [])
+        store.append(
+            (image_tokens, image_embeds, batch["image_id"], text_tokens, mask, text_embeds, batch["text_image_id"])
+        )
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def _itm_accuracy(self, itm, sims, index, image_tokens, text_tokens, text_mask, chunk: int = 256) -> float:
+        """Balanced ITM accuracy (%): every caption with its own image (should match) and every
+        image with its highest-ITC wrong caption (should not), decided by the ITM head."""
+        Ni, Nt = sims.shape
+        own = torch.zeros(Ni, Nt, dtype=torch.bool, device=sims.device)
+        own[index, torch.arange(Nt, device=sims.device)] = True  # (Ni, Nt)
+        hardest = sims.masked_fill(own, float("-inf")).argmax(1)  # (Ni,)
+        pairs = {
+            True: (index, torch.arange(Nt, device=sims.device)),  # positives: (image, text)
+            False: (torch.arange(Ni, device=sims.device), hardest),  # hardest negatives
+        }
+        accs = []
+        for label, (i, t) in pairs.items():
+            hits = []
+            for s in range(0, len(i), chunk):
+                ii, tt = i[s : s + chunk], t[s : s + chunk]
+                fused = self.fuse(text_tokens[tt], text_mask[tt], image_tokens[ii])[:, 0]  # (n, Dt)
+                hits.append(itm.is_match(fused) == label)
+            accs.append(torch.cat(hits).float().mean().item())
+        return 100 * sum(accs) / 2
+
+    def _gathered(self, parts: list) -> tuple[torch.Tensor, ...]:
+        """Concatenate the stored batches, gather across ranks, de-duplicate images by id."""
+        lt = max(p[3].shape[1] for p in parts)  # batches are padded to their own longest text
+        parts = [
+            (*p[:3], F.pad(p[3], (0, 0, 0, lt - p[3].shape[1])), F.pad(p[4], (0, lt - p[4].shape[1])), *p[5:])
+            for p in parts
+        ]
+        cols = [torch.cat([p[i] for p in parts]) for i in range(7)]
+        image_tokens, image_embeds, image_id, text_tokens, text_mask, text_embeds, text_image_id = cols
+        lt = text_tokens.shape[1]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # pad text to a common length before gathering
+            width = int(gather_no_grad(torch.tensor([lt], device=self.device)).max())
+            text_tokens = F.pad(text_tokens, (0, 0, 0, width - lt))
+            text_mask = F.pad(text_mask, (0, width - lt))
+            image_tokens, image_embeds, image_id, text_tokens, text_mask, text_embeds, text_image_id = (
+                gather_no_grad(t)
+                for t in (image_tokens, image_embeds, image_id, text_tokens, text_mask, text_embeds, text_image_id)
+            )
+        ids, first = _unique_first(image_id)
+        return image_tokens[first], image_embeds[first], ids, text_tokens, text_mask, text_embeds, text_image_id
+
+    @torch.no_grad()
+    def _eval_epoch_end(self, stage: str) -> None:
+        from vlp.eval.retrieval import format_rerank_table, rerank_topk, retrieval_scores
+
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        names = dm.eval_source_names(stage) if hasattr(dm, "eval_source_names") else []
+        itm = next((o for o in self.objectives if o.name == "itm"), None)
+        for key in sorted(k for k in self._eval if k.startswith(stage + "_")):
+            idx = int(key.rsplit("_", 1)[1])
+            image_tokens, image_embeds, image_ids, text_tokens, text_mask, text_embeds, text_image_id = self._gathered(
+                self._eval.pop(key)
+            )
+            index = torch.searchsorted(image_ids, text_image_id)  # (Nt,) image row of each text
+            sims = image_embeds @ text_embeds.T  # (Ni, Nt)
+            reranked = None
+            if itm is not None:
+
+                def score(
+                    i: torch.Tensor,
+                    t: torch.Tensor,
+                    text_tokens=text_tokens,
+                    text_mask=text_mask,
+                    image_tokens=image_tokens,
+                ) -> torch.Tensor:
+                    fused = self.fuse(text_tokens[t], text_mask[t], image_tokens[i])[:, 0]  # (n, Dt)
+                    return itm.score(fused)  # (n,)
+
+                reranked = rerank_topk(sims, self.rerank_k, score)
+            scores = retrieval_scores(sims, index, reranked)
+            if itm is not None:
+                scores["itm_acc"] = self._itm_accuracy(itm, sims, index, image_tokens, text_tokens, text_mask)
+            prefix = stage if len(names) <= 1 else f"{stage}/{names[idx]}"
+            self.log_dict({f"{prefix}/{k}": v for k, v in scores.items()}, rank_zero_only=True)
+            chance = chance_recall(len(image_ids), len(text_image_id))
+            self.results[prefix] = {
+                "scores": scores,
+                "chance": chance,
+                "num_images": len(image_ids),
+                "num_texts": len(text_image_id),
+            }
+            if stage == "test":
+                title = (
+                    f"{names[idx] if names else stage} retrieval ({len(image_ids)} images, {len(text_image_id)} texts)"
+                )
+                self.report("\n" + format_rerank_table(scores, chance, title=title) + "\n")
+
+
+def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique ids and the position of each one's first occurrence."""
+    uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    first = torch.full((len(uniq),), len(ids), dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
+    return uniq, first
