@@ -216,18 +216,6 @@ class ALBEF(VLPModule):
             (image_tokens, image_embeds, batch["image_id"], text_tokens, mask, text_embeds, batch["text_image_id"])
         )
 
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("val", batch, dataloader_idx)
-
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("test", batch, dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
     def _itm_accuracy(self, itm, sims, index, image_tokens, text_tokens, text_mask, chunk: int = 256) -> float:
         """Balanced ITM accuracy (%): every caption with its own image (should match) and every
         image with its highest-ITC wrong caption (should not), decided by the ITM head."""
@@ -275,8 +263,7 @@ class ALBEF(VLPModule):
     def _eval_epoch_end(self, stage: str) -> None:
         from vlp.eval.retrieval import format_rerank_table, rerank_topk, retrieval_scores
 
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        names = dm.eval_source_names(stage) if hasattr(dm, "eval_source_names") else []
+        names = self._source_names(stage)
         itm = next((o for o in self.objectives if o.name == "itm"), None)
         for key in sorted(k for k in self._eval if k.startswith(stage + "_")):
             idx = int(key.rsplit("_", 1)[1])

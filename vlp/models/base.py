@@ -215,6 +215,30 @@ class VLPModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # -- evaluation: families implement _eval_step / _eval_epoch_end per stage ------------
+    def _eval_step(self, stage: str, batch: dict, idx: int) -> None:
+        raise ConfigError(f"{type(self).__name__} has no {stage} evaluation")
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        pass
+
+    def _source_names(self, stage: str) -> list[str]:
+        """Names of the evaluation sources (one per DataLoader) of ``stage``."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        return dm.eval_source_names(stage) if hasattr(dm, "eval_source_names") else []
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
     # -- reporting ------------------------------------------------------------------------
     def report(self, text: str) -> None:
         """Print a result table to stdout, once (on global rank zero)."""

@@ -120,19 +120,3 @@ class CLIP(VLPModule):
             if stage == "test":
                 title = f"{names[idx] if names else stage} retrieval ({counts['num_images']} images, {counts['num_texts']} texts)"
                 self.report("\n" + format_table(scores, chance, title=title) + "\n")
-
-    def _source_names(self, stage: str) -> list[str]:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        return dm.eval_source_names(stage) if hasattr(dm, "eval_source_names") else []
-
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("val", batch, dataloader_idx)
-
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("test", batch, dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
