@@ -4,16 +4,24 @@ Images and texts are scored all-against-all, not per batch. An image may own sev
 captions: image→text counts a hit when ANY of its captions is in the top K, text→image
 when its image is. Embeddings are gathered across ranks by torchmetrics (``cat``
 states) and de-duplicated by image id, so the numbers do not depend on the world size.
+
+ALBEF-style two-stage retrieval: ``rerank_topk`` re-scores the ITC top-k candidates of every
+query with a pair scorer (the ITM head), ``retrieval_scores`` reports R@K for ITC alone and
+for ITC+ITM, and ``format_rerank_table`` prints both next to chance.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from math import comb
 
 import torch
 from torchmetrics import Metric
 
 KS = (1, 5, 10)
+
+PairScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``score_fn(image_index (n,), text_index (n,)) -> (n,)`` scores of (image, text) pairs given by index."""
 
 
 def recall_at_k(sims: torch.Tensor, text_image_index: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
@@ -111,4 +119,168 @@ def format_table(results: dict[str, float], chance: dict[str, float] | None = No
         if chance:
             lines.append(f"{'  chance':14}" + "".join(f"{chance[f'{direction}_r{k}']:9.2f}" for k in ks))
     lines.append(f"{'mean R@K':14}{results['rmean']:9.2f}" + (f"   (chance {chance['rmean']:.2f})" if chance else ""))
+    return "\n".join(lines)
+
+
+# -- ALBEF two-stage retrieval: ITC top-k, then ITM re-ranking ----------------------------------
+
+
+@torch.no_grad()
+def rerank_topk(
+    sims: torch.Tensor,
+    k: int,
+    score_fn: PairScoreFn,
+    *,
+    batch_size: int = 128,
+    add_itc: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-rank every query's ITC top-k candidates with a pair scorer (ALBEF evaluation).
+
+    For each image the ``k`` texts with the highest ITC similarity, and for each text the
+    ``k`` highest images, are scored by ``score_fn`` (typically the ITM head's match
+    probability on the fused pair). A candidate's final score is its ``score_fn`` value, plus
+    its ITC similarity when ``add_itc``; candidates outside the query's top-k score ``-inf``
+    so they rank after all re-ranked ones (``retrieval_scores`` orders them among themselves
+    by ITC; a plain ``argsort`` of the returned matrices leaves those ties arbitrary).
+
+    A pair that is in the top-k of both its image and its text is scored once, not twice:
+    the candidate pairs of both directions are de-duplicated (``unique`` over ``i * Nt + t``)
+    before scoring, which roughly halves the ITM cost on a good ITC model, where most
+    top-k pairs are shared by the two directions.
+
+    Args:
+        sims: (Ni, Nt) ITC similarities, image rows, text columns.
+        k: candidates re-ranked per query; clipped to Nt (image→text) and Ni (text→image).
+        score_fn: ``score_fn(image_index (n,), text_index (n,)) -> (n,)``; it closes over the
+            caller's cached image/text tokens. Called under ``torch.no_grad`` on chunks of at
+            most ``batch_size`` pairs, indices on ``sims.device``.
+        batch_size: pairs per ``score_fn`` call.
+        add_itc: final score = ``score_fn`` + ITC similarity instead of ``score_fn`` alone.
+    Returns:
+        ``(i2t, t2i)``: (Ni, Nt) image→text and (Nt, Ni) text→image scores, ``-inf`` outside
+        the top-k, in at least float32.
+    """
+    if sims.dim() != 2:
+        raise ValueError(f"sims must be (num_images, num_texts), got shape {tuple(sims.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_img, n_txt = sims.shape
+    dtype = torch.promote_types(sims.dtype, torch.float32)
+    i2t = sims.new_full((n_img, n_txt), float("-inf"), dtype=dtype)  # (Ni, Nt)
+    t2i = sims.new_full((n_txt, n_img), float("-inf"), dtype=dtype)  # (Nt, Ni)
+    if n_img == 0 or n_txt == 0:
+        return i2t, t2i
+    k_i2t, k_t2i = min(k, n_txt), min(k, n_img)
+    top_t = sims.topk(k_i2t, dim=1).indices  # (Ni, k_i2t) candidate texts of each image
+    top_i = sims.T.topk(k_t2i, dim=1).indices  # (Nt, k_t2i) candidate images of each text
+    rows_i = torch.arange(n_img, device=sims.device)[:, None]  # (Ni, 1)
+    rows_t = torch.arange(n_txt, device=sims.device)[:, None]  # (Nt, 1)
+    pair_i2t = rows_i * n_txt + top_t  # (Ni, k_i2t) flat pair id i * Nt + t
+    pair_t2i = top_i * n_txt + rows_t  # (Nt, k_t2i) same id space
+    pairs, inverse = torch.unique(torch.cat([pair_i2t.flatten(), pair_t2i.flatten()]), return_inverse=True)  # (P,)
+    image_index, text_index = pairs // n_txt, pairs % n_txt  # (P,), (P,)
+    chunks = []
+    for s in range(0, len(pairs), batch_size):
+        out = score_fn(image_index[s : s + batch_size], text_index[s : s + batch_size])
+        n = len(image_index[s : s + batch_size])
+        if out.shape != (n,):
+            raise ValueError(f"score_fn must return shape ({n},) for {n} pairs, got {tuple(out.shape)}")
+        chunks.append(out.detach().to(device=sims.device, dtype=dtype))
+    scores = torch.cat(chunks)  # (P,) one score per distinct pair
+    if add_itc:
+        scores = scores + sims.flatten()[pairs].to(dtype)  # (P,)
+    n_first = pair_i2t.numel()
+    i2t.scatter_(1, top_t, scores[inverse[:n_first]].view(n_img, k_i2t))  # (Ni, Nt)
+    t2i.scatter_(1, top_i, scores[inverse[n_first:]].view(n_txt, k_t2i))  # (Nt, Ni)
+    return i2t, t2i
+
+
+def _rank_scores(scores: torch.Tensor, tiebreak: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``-rank`` (float) ordering by ``scores`` descending, ties by ``tiebreak`` descending.
+
+    The result has no ties, so ``recall_at_k``'s ``argsort`` sees exactly this order.
+    """
+    first = tiebreak.argsort(dim=1, descending=True)  # (R, C) secondary order
+    second = scores.gather(1, first).argsort(dim=1, descending=True, stable=True)  # (R, C) primary, stable
+    order = first.gather(1, second)  # (R, C) column at each rank
+    ranks = torch.arange(scores.shape[1], device=scores.device).expand_as(order)  # (R, C)
+    return -torch.empty_like(order).scatter_(1, order, ranks).to(torch.float32)  # (R, C)
+
+
+def retrieval_scores(
+    sims_i2t: torch.Tensor,
+    text_image_index: torch.Tensor,
+    reranked: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ks: tuple[int, ...] = KS,
+) -> dict[str, float]:
+    """R@K for ITC alone and, given ``reranked``, for ITC+ITM re-ranking.
+
+    Uses ``recall_at_k`` (several captions per image: image→text hits when any own caption
+    is in the top K, text→image when the owner image is). The re-ranked matrices differ per
+    direction, so image→text numbers come from ``reranked[0]`` and text→image numbers from
+    ``reranked[1]`` (passed to ``recall_at_k`` transposed, its (I, T) convention). Ties in a
+    re-ranked matrix (all the ``-inf`` candidates outside the top-k) are broken by ITC, so
+    R@K for K beyond the re-ranked k falls back to the ITC order.
+
+    Args:
+        sims_i2t: (Ni, Nt) ITC similarities.
+        text_image_index: (Nt,) image row of each text.
+        reranked: ``(i2t (Ni, Nt), t2i (Nt, Ni))`` from ``rerank_topk``, or None.
+        ks: recall cut-offs.
+    Returns:
+        ``i2t_r{k}``, ``t2i_r{k}``, ``rmean`` for ITC; with ``reranked`` also the same keys
+        prefixed ``itm_`` (``itm_i2t_r1`` ... ``itm_rmean``).
+    """
+    out = recall_at_k(sims_i2t, text_image_index, ks)
+    if reranked is None:
+        return out
+    i2t, t2i = reranked
+    n_img, n_txt = sims_i2t.shape
+    if i2t.shape != (n_img, n_txt) or t2i.shape != (n_txt, n_img):
+        raise ValueError(
+            f"reranked must be ((Ni, Nt), (Nt, Ni)) = ({(n_img, n_txt)}, {(n_txt, n_img)}), "
+            f"got ({tuple(i2t.shape)}, {tuple(t2i.shape)})"
+        )
+    itc = sims_i2t.to(torch.float32)
+    r_i2t = recall_at_k(_rank_scores(i2t, itc), text_image_index, ks)  # rank scores (Ni, Nt)
+    r_t2i = recall_at_k(_rank_scores(t2i, itc.T).T, text_image_index, ks)  # rank scores (Nt, Ni) -> (Ni, Nt)
+    itm: dict[str, float] = {}
+    for k in ks:
+        itm[f"itm_i2t_r{k}"] = r_i2t[f"i2t_r{k}"]
+        itm[f"itm_t2i_r{k}"] = r_t2i[f"t2i_r{k}"]
+    itm["itm_rmean"] = sum(itm.values()) / len(itm)
+    return {**out, **itm}
+
+
+def format_rerank_table(
+    results: dict[str, float], chance: dict[str, float] | None = None, title: str = "", k: int | None = None
+) -> str:
+    """Text table of R@K for ITC and ITC+ITM in each direction, chance rows, and the means.
+
+    ``results`` as from ``retrieval_scores`` (other keys, e.g. ``itm_acc``, are ignored); the
+    ITC+ITM rows are left out when it has no ``itm_`` keys. ``k`` (re-ranked candidates) only
+    labels the rows.
+    """
+    ks = sorted({int(key.split("_r")[1]) for key in results if key[:4] in ("i2t_", "t2i_") and "_r" in key})
+    has_itm = any(key.startswith("itm_i2t_r") for key in results)
+    itm_label = "  ITC+ITM" + (f"@{k}" if k is not None else "")
+    width = max(16, len(itm_label) + 2)
+    row = lambda label, vals: f"{label:{width}}" + "".join(f"{v:9.2f}" for v in vals)  # noqa: E731
+    lines = [title] if title else []
+    lines.append(f"{'':{width}}" + "".join(f"{'R@' + str(c):>9}" for c in ks))
+    for direction, label in (("i2t", "image→text"), ("t2i", "text→image")):
+        lines.append(label)
+        lines.append(row("  ITC", [results[f"{direction}_r{c}"] for c in ks]))
+        if has_itm:
+            lines.append(row(itm_label, [results[f"itm_{direction}_r{c}"] for c in ks]))
+        if chance:
+            lines.append(row("  chance", [chance[f"{direction}_r{c}"] for c in ks]))
+    lines.append("mean R@K")
+    lines.append(row("  ITC", [results["rmean"]]))
+    if has_itm:
+        lines.append(row(itm_label, [results["itm_rmean"]]))
+    if chance:
+        lines.append(row("  chance", [chance["rmean"]]))
     return "\n".join(lines)
