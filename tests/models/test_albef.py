@@ -248,3 +248,22 @@ def test_queue_size_must_be_a_multiple_of_the_batch():
     model.training_step(batch(), 0)
     with pytest.raises(ConfigError, match="multiple"):
         model.on_train_batch_end(None, batch(), 0)
+
+
+def test_retrieval_evaluation_with_itm_reranking(capsys):
+    model = tiny_albef()
+    model.rerank_k = 3
+    model.eval()
+    with torch.no_grad():
+        for seed in (0, 1):
+            model.test_step(batch(seed), 0)
+        model._eval_epoch_end("test")
+    result = model.results["test"]
+    assert result["num_images"] == 2 * B and result["num_texts"] == 2 * B
+    scores = result["scores"]
+    for key in ("i2t_r1", "t2i_r1", "rmean", "itm_i2t_r1", "itm_t2i_r1", "itm_rmean", "itm_acc"):
+        assert key in scores and 0 <= scores[key] <= 100, key
+    assert scores["itm_i2t_r10"] == scores["i2t_r10"] == 100  # 8 candidates: everything is in the top 10
+    out = capsys.readouterr().out
+    assert "ITC+ITM" in out and "chance" in out
+    assert not model._eval  # the stored features are released

@@ -190,7 +190,7 @@ def rerank_topk(
         chunks.append(out.detach().to(device=sims.device, dtype=dtype))
     scores = torch.cat(chunks)  # (P,) one score per distinct pair
     if add_itc:
-        scores = scores + sims.flatten()[pairs].to(dtype)  # (P,)
+        scores = scores + sims[image_index, text_index].to(dtype)  # (P,)
     n_first = pair_i2t.numel()
     i2t.scatter_(1, top_t, scores[inverse[:n_first]].view(n_img, k_i2t))  # (Ni, Nt)
     t2i.scatter_(1, top_i, scores[inverse[n_first:]].view(n_txt, k_t2i))  # (Nt, Ni)
