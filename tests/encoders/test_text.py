@@ -203,3 +203,14 @@ def test_causal_lm_resize_and_offline_reload(tmp_path, offline):
     lm.model.save_pretrained(tmp_path / "gpt2")
     loaded = HFCausalLM(str(tmp_path / "gpt2")).eval()
     torch.testing.assert_close(loaded.logits(loaded(ids, mask).tokens), lm.logits(lm(ids, mask).tokens))
+
+
+def test_pretrained_models_start_in_train_mode(tmp_path):
+    """from_pretrained returns eval mode (dropout off); a tower must train like the rest."""
+    from transformers import BertConfig, BertModel
+
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(tmp_path / "bert")
+    enc = HFTextEncoder(str(tmp_path / "bert"))
+    assert all(m.training for m in enc.modules())

@@ -93,6 +93,7 @@ class _HFEncoderBase(GroupedEncoder):
     model: nn.Module
 
     def _setup(self) -> None:
+        self.model.train()  # from_pretrained returns eval mode; Lightning sets modes from here on
         self.config = self.model.config
         self.dim = self.pooled_dim = self.config.hidden_size
         self._layers_name = _layers(self.model, self.config.num_hidden_layers)
