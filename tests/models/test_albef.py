@@ -267,3 +267,13 @@ def test_retrieval_evaluation_with_itm_reranking(capsys):
     out = capsys.readouterr().out
     assert "ITC+ITM" in out and "chance" in out
     assert not model._eval  # the stored features are released
+
+
+def test_text_hash_ignores_padding_length():
+    from vlp.objectives.albef import text_hash
+
+    ids = torch.tensor([[101, 7, 8, 102]])
+    short = text_hash(ids, torch.ones(1, 4, dtype=torch.long))
+    padded = text_hash(torch.tensor([[101, 7, 8, 102] + [0] * 96]), torch.tensor([[1] * 4 + [0] * 96]))
+    other = text_hash(torch.tensor([[101, 8, 7, 102]]), torch.ones(1, 4, dtype=torch.long))
+    assert torch.equal(short, padded) and not torch.equal(short, other)

@@ -9,6 +9,8 @@ the model for what depends on it (``model.fuse``, ``model.mlm_hidden``,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -145,12 +147,21 @@ class MomentumITC(ITC):
         self.queue_ptr[0] = (ptr + n) % self.queue_size
 
 
+@functools.lru_cache(maxsize=16)
+def _hash_weights(n: int, device: torch.device) -> torch.Tensor:
+    """Fixed random position weights (n,), drawn once per size and device; a longer table
+    starts with the shorter one, so a caption hashes the same at any padded length."""
+    return torch.randint(1, 2**61, (n,), generator=torch.Generator().manual_seed(12345)).to(device)
+
+
 def text_hash(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A non-negative int64 hash per row of token ids (padding ignored): equal captions,
-    equal hash; different captions collide with probability ~2^-60."""
+    equal hash (whatever the batch's padded length); different captions collide with
+    probability ~2^-60."""
     ids = ids.long() * mask.long()  # (B, L)
-    weights = torch.randint(1, 2**61, (ids.shape[1],), generator=torch.Generator().manual_seed(12345))  # (L,)
-    h = (ids * weights.to(ids.device)).sum(1) + mask.long().sum(1) * 1_000_003  # wraps mod 2^64
+    L = ids.shape[1]
+    weights = _hash_weights(max(64, 1 << (L - 1).bit_length()), ids.device)[:L]  # (L,)
+    h = (ids * weights).sum(1) + mask.long().sum(1) * 1_000_003  # wraps mod 2^64
     return h & (2**62 - 1)  # (B,)
 
 
