@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 SHAPES ?= data/shapes
 
-.PHONY: install test demo bench lint data clean
+.PHONY: install test demo demo-albef bench lint data clean
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ data: install
 demo: data
 	$(VLP) fit --config recipes/tiny/clip.yaml
 	$(VLP) test --ckpt runs/tiny_clip/checkpoints/last.ckpt
+
+# ALBEF next to the dual encoder of the same size and budget (~20 min on 2 CPU cores)
+demo-albef: data
+	$(VLP) fit --config recipes/tiny/albef.yaml
+	$(VLP) test --ckpt runs/tiny_albef/checkpoints/last.ckpt
+	$(VLP) fit --config recipes/tiny/clip_minilm.yaml
+	$(VLP) test --ckpt runs/tiny_clip_minilm/checkpoints/last.ckpt
+	$(VLP) compare runs/tiny_clip_minilm runs/tiny_albef
 
 bench: install
 	$(PY) bench/run.py

@@ -4,6 +4,7 @@
     vlp validate|test|predict --config RECIPE.yaml   (or --ckpt PATH: recipe restored from it)
     vlp data synth|inspect|convert ...
     vlp convert albef CKPT --out PATH [--config RECIPE]   (official checkpoints -> vlp weights)
+    vlp compare RUN_DIR|RESULTS.json ...   (test results of several runs side by side)
 
 ``fit``/``validate``/``test``/``predict`` are LightningCLI subcommands (model and data in
 subclass mode, so recipes name ``class_path``/``init_args``). Every checkpoint written
@@ -149,10 +150,14 @@ def cli_main(args: Sequence[str] | None = None) -> object:
             from vlp.convert.commands import convert_main
 
             return convert_main(args[1:])
+        if args and args[0] == "compare":
+            from vlp.eval.compare import compare_main
+
+            return compare_main(args[1:])
         if not args or args[0] in LIGHTNING_SUBCOMMANDS or args[0].startswith("-"):
             return lightning_main(args)
         raise VLPError(
-            f"unknown command {args[0]!r}; expected one of {', '.join(LIGHTNING_SUBCOMMANDS)}, data, convert"
+            f"unknown command {args[0]!r}; expected one of {', '.join(LIGHTNING_SUBCOMMANDS)}, data, convert, compare"
         )
     except VLPError as e:
         print(f"error: {e}", file=sys.stderr)

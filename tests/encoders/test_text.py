@@ -124,6 +124,14 @@ def test_text_encoder_loads_a_saved_folder_offline(tmp_path, offline):
     torch.testing.assert_close(loaded(**batch).tokens, source(**batch).tokens)
 
 
+def test_config_overrides_typed_on_the_command_line_are_numbers(tmp_path):
+    """`--...config.hidden_dropout_prob 0.1` arrives as the string "0.1"."""
+    enc = HFTextEncoder(config={**BERT, "hidden_dropout_prob": "0.0", "num_hidden_layers": "1"})
+    assert enc.config.hidden_dropout_prob == 0.0 and enc.config.num_hidden_layers == 1
+    with pytest.raises(ConfigError, match="hidden_dropout_prob"):
+        HFTextEncoder(MINILM, config={"hidden_dropout_prob": "lots"})
+
+
 def test_text_encoder_bad_names_and_paths(tmp_path):
     with pytest.raises(ConfigError, match="nowhere"):
         HFTextEncoder(str(tmp_path / "nowhere"))

@@ -427,7 +427,7 @@ def test_pos_embed_is_interpolated_to_the_model_grid():
     report = albef_to_vlp(ckpt, model)
     assert report.ok
     assert report.interpolated == [
-        f"image_encoder{s}.model.pos_embed: 6x6 -> 4x4 patches (bicubic, CLS kept)" for s in ("", "_m")
+        f"image_encoder{s}.model.pos_embed: 6x6 -> 4x4 patches (bicubic, prefix tokens kept)" for s in ("", "_m")
     ]
     for s in ("", "_m"):
         src = ckpt[f"visual_encoder{s}.pos_embed"]  # (1, 1 + 36, D)
@@ -440,5 +440,5 @@ def test_pos_embed_is_interpolated_to_the_model_grid():
     assert (
         albef_to_vlp(make_albef_checkpoint(CFG), tiny_vlp(CFG, image_size=48))
         .interpolated[0]
-        .endswith("4x4 -> 6x6 patches (bicubic, CLS kept)")
+        .endswith("4x4 -> 6x6 patches (bicubic, prefix tokens kept)")
     )

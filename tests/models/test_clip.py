@@ -118,6 +118,20 @@ def test_param_groups_decay_and_lr_mult():
         tiny_clip(optim=OptimConfig(lr_mult={"fusion": 5.0})).param_groups()
 
 
+def test_freeze_patterns_take_parameters_out_of_training():
+    model = tiny_clip(optim=OptimConfig(freeze=["text_encoder.*word_embeddings*", "image_proj.*"]))
+    names = {n for g in model.param_groups() for n in g["names"]}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"text_encoder.model.embeddings.word_embeddings.weight", "image_proj.weight"}
+    assert not names & frozen and len(names) + len(frozen) == len(list(model.parameters()))
+    model.train()
+    model.training_step({**batch(), "modality": "pair"}, 0).backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
+    assert model.text_proj.weight.grad is not None
+    with pytest.raises(ConfigError, match=r"optim.freeze patterns match no parameter: \['fusion\.\*'\]"):
+        tiny_clip(optim=OptimConfig(freeze=["fusion.*"])).param_groups()
+
+
 def test_schedule_warmup_then_cosine():
     kw = dict(warmup=10, total=110, schedule="cosine", min_ratio=0.1)
     assert lr_lambda(0, **kw) == pytest.approx(0.1)

@@ -9,10 +9,10 @@ from vlp.convert.albef import (
     albef_recipe_from_state,
     albef_to_vlp,
     convert_albef,
-    interpolate_pos_embed,
     map_albef_keys,
     vlp_to_albef,
 )
+from vlp.utils.checkpoint import interpolate_pos_embed
 
 __all__ = [
     "ConversionReport",

@@ -45,17 +45,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.encoders.bert import bert_layer_to_block, block_to_bert_layer
 from vlp.errors import CheckpointError, ConfigError
+from vlp.utils.checkpoint import QUEUE_BUFFERS as QUEUES
+from vlp.utils.checkpoint import is_pos_embed, resize_pos_embed
 
 if TYPE_CHECKING:
     from vlp.models.albef import ALBEF
 
 COPIES = ("", "_m")  # online weights, momentum copy
-QUEUES = ("image_queue", "text_queue", "queue_ptr", "idx_queue")
 _PARTS = ("weight", "bias")
 
 _VIT_KEY = re.compile(
@@ -363,20 +363,6 @@ def map_albef_keys(state: dict[str, Tensor], fusion_layer: int | None = None) ->
 
 
 # -- onto a model -------------------------------------------------------------------------
-def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int], num_prefix: int = 1) -> Tensor:
-    """(1, P + h*w, D) → (1, P + H*W, D): bicubic over the square patch grid, prefix tokens kept (ALBEF's rule)."""
-    n = pos_embed.shape[1] - num_prefix
-    side = math.isqrt(n)
-    if side * side != n:
-        raise CheckpointError(f"pos_embed has {n} patch positions: not a square grid")
-    prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]  # (1, P, D), (1, n, D)
-    D = pos_embed.shape[-1]
-    patches = patches.reshape(1, side, side, D).permute(0, 3, 1, 2).float()  # (1, D, h, w)
-    patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)  # (1, D, H, W)
-    patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], D).to(pos_embed.dtype)  # (1, H*W, D)
-    return torch.cat([prefix, patches], dim=1)
-
-
 def _momentum_twin(key: str) -> str | None:
     """The online key whose weights a momentum key copies (None for non-momentum keys)."""
     head, _, rest = key.partition(".")
@@ -449,15 +435,9 @@ def albef_to_vlp(state: dict[str, Tensor], model: ALBEF, *, strict: bool = False
         if t.shape != want.shape:
             if key in mapping.synthesized:
                 t = torch.zeros_like(want)
-            elif key.endswith(".model.pos_embed") and t.ndim == 3 and t.shape[-1] == want.shape[-1]:
-                prefix = int(getattr(model.image_encoder, "num_prefix_tokens", 1))
-                n = want.shape[1] - prefix
-                grid = tuple(getattr(model.image_encoder, "grid_size", None) or (math.isqrt(n), math.isqrt(n)))
-                if grid[0] * grid[1] != n:
-                    raise CheckpointError(f"cannot infer the patch grid of {key} ({n} positions)")
-                side = math.isqrt(t.shape[1] - prefix)
-                t = interpolate_pos_embed(t, grid, prefix)
-                report.interpolated.append(f"{key}: {side}x{side} -> {grid[0]}x{grid[1]} patches (bicubic, CLS kept)")
+            elif is_pos_embed(key, t, want):
+                t, note = resize_pos_embed(model, key, t, want)
+                report.interpolated.append(note)
             elif key.rsplit(".", 1)[-1] in QUEUES:
                 report.dropped[key] = (
                     f"queue of another size ({tuple(t.shape)} vs {tuple(want.shape)}): the model keeps its own"

@@ -26,6 +26,21 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
+def _scalar(value):
+    """Config values typed on the command line arrive as strings ("0.1"): numbers and
+    booleans among them are converted, everything else is kept."""
+    if isinstance(value, str):
+        import yaml
+
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        if isinstance(parsed, (bool, int, float)):
+            return parsed
+    return value
+
+
 def load_hf_model(auto_cls, name_or_path: str | None, config: dict | None, **kwargs) -> nn.Module:
     """``auto_cls`` (AutoModel, AutoModelForCausalLM) from a name/folder and/or a config dict.
 
@@ -33,7 +48,7 @@ def load_hf_model(auto_cls, name_or_path: str | None, config: dict | None, **kwa
     """
     from transformers import AutoConfig
 
-    config = dict(config or {})
+    config = {k: _scalar(v) for k, v in (config or {}).items()}
     if name_or_path is None:
         if "model_type" not in config:
             raise ConfigError(f"a text model config needs 'model_type' (bert, gpt2...), got {config}")
@@ -46,7 +61,7 @@ def load_hf_model(auto_cls, name_or_path: str | None, config: dict | None, **kwa
         config.pop("model_type", None)
         try:
             cfg = AutoConfig.from_pretrained(path, local_files_only=local, **config)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # OSError, ValueError, transformers' field validation errors
             where = "local folder" if local else "hub name (offline? give a local folder)"
             raise ConfigError(f"cannot load a model config from {path!r} as a {where}: {brief(e)}") from None
     try:

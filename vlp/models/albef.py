@@ -100,7 +100,6 @@ class ALBEF(VLPModule):
                 twin.requires_grad_(False)
                 setattr(self, name + "_m", twin)
         self._eval: dict[str, list] = {}
-        self.results: dict[str, dict] = {}
 
     # -- the model ------------------------------------------------------------------------
     def _suffix(self, momentum: bool) -> str:
@@ -117,10 +116,11 @@ class ALBEF(VLPModule):
     def encode_text(
         self, input_ids: torch.Tensor, mask: torch.Tensor, momentum: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """→ unimodal text tokens (B, Lt, Dt) and the normalised ITC feature (B, E)."""
+        """→ unimodal text tokens (B, Lt, Dt) and the normalised ITC feature (B, E) of the
+        encoder's pooled output (its ``pooling``: the CLS token for ALBEF's BERT)."""
         s = self._suffix(momentum)
-        tokens = getattr(self, "text_encoder" + s)(input_ids, mask).tokens  # (B, Lt, Dt)
-        return tokens, F.normalize(getattr(self, "text_proj" + s)(tokens[:, 0]), dim=-1)
+        out = getattr(self, "text_encoder" + s)(input_ids, mask)  # tokens (B, Lt, Dt), pooled (B, Dt)
+        return out.tokens, F.normalize(getattr(self, "text_proj" + s)(out.pooled), dim=-1)
 
     def fuse(
         self,
@@ -302,7 +302,7 @@ class ALBEF(VLPModule):
                 title = (
                     f"{names[idx] if names else stage} retrieval ({len(image_ids)} images, {len(text_image_id)} texts)"
                 )
-                self.report("\n" + format_rerank_table(scores, chance, title=title) + "\n")
+                self.report("\n" + format_rerank_table(scores, chance, title=title, k=self.rerank_k) + "\n")
 
 
 def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,9 +13,12 @@ A family subclasses it, sets ``output_type`` and implements ``forward(batch)``.
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import lightning.pytorch as pl
@@ -23,9 +26,10 @@ import torch
 from torch import nn
 
 from vlp.errors import ConfigError
+from vlp.eval.compare import RESULTS_FILE
 from vlp.models.outputs import VLPOutput
 from vlp.objectives.base import Objective
-from vlp.utils.checkpoint import load_state_dict
+from vlp.utils.checkpoint import fit_state_to_model, load_state_dict
 
 log = logging.getLogger("vlp")
 
@@ -44,6 +48,8 @@ class OptimConfig:
         lr_mult: parameter-name prefix → learning-rate multiplier, e.g.
             ``{"fusion": 5.0, "itm": 5.0}`` (METER: 5x for newly initialised layers).
             The longest matching prefix wins.
+        freeze: parameter-name patterns (``fnmatch``, e.g. ``"text_encoder.*word_embeddings*"``)
+            left out of training: they get no gradient and no optimiser state.
     """
 
     lr: float = 1e-4
@@ -54,6 +60,7 @@ class OptimConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.0
     lr_mult: dict[str, float] = field(default_factory=dict)
+    freeze: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -110,6 +117,7 @@ class VLPModule(pl.LightningModule):
         self.optim = optim or OptimConfig()
         self.init_from = init_from
         self._checked_modalities: set = set()
+        self.results: dict[str, dict] = {}  # evaluation results by "<stage>[/<source>]"
         for objective in self.objectives:
             objective.check(self.output_type, type(self).__name__)
 
@@ -168,8 +176,23 @@ class VLPModule(pl.LightningModule):
                 names |= {f"{prefix}.{n}" if prefix else n for n in fn()}
         return names
 
+    def apply_freeze(self) -> list[str]:
+        """Turn off gradients of the parameters matching ``optim.freeze``; → their names."""
+        frozen, unused = [], set(self.optim.freeze)
+        for name, p in self.named_parameters():
+            hits = [pat for pat in self.optim.freeze if fnmatch.fnmatchcase(name, pat)]
+            if hits:
+                p.requires_grad_(False)
+                frozen.append(name)
+                unused -= set(hits)
+        if unused:
+            raise ConfigError(f"optim.freeze patterns match no parameter: {sorted(unused)}")
+        return frozen
+
     def param_groups(self) -> list[dict]:
-        """Parameter groups: (lr multiplier) x (decay / no decay)."""
+        """Parameter groups: (lr multiplier) x (decay / no decay); frozen parameters left out."""
+        if self.optim.freeze:
+            log.info("optim.freeze: %d parameter tensors frozen", len(self.apply_freeze()))
         skip = self.no_weight_decay_names()
         prefixes = sorted(self.optim.lr_mult, key=len, reverse=True)
         unused = set(prefixes)
@@ -240,6 +263,28 @@ class VLPModule(pl.LightningModule):
         self._eval_epoch_end("test")
 
     # -- reporting ------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        """Parameters of the model itself: momentum (EMA) twins, which only make training
+        targets, are not counted."""
+        twins = {id(p) for _, twin in getattr(self, "momentum_pairs", list)() for p in twin.parameters()}
+        return sum(p.numel() for p in self.parameters() if id(p) not in twins)
+
+    def on_test_end(self) -> None:
+        """Write the test results to ``<log dir>/test_results.json`` (read by ``vlp compare``)."""
+        results = self.results
+        if not results or self._trainer is None or not self.trainer.is_global_zero:
+            return
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {
+            "model": type(self).__name__,
+            "num_parameters": self.num_parameters(),
+            "results": {k: v for k, v in results.items() if k.startswith("test")},
+        }
+        path = folder / RESULTS_FILE
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        self.report(f"test results: {path}")
+
     def report(self, text: str) -> None:
         """Print a result table to stdout, once (on global rank zero)."""
         if self._trainer is None or self.trainer.is_global_zero:
@@ -248,13 +293,25 @@ class VLPModule(pl.LightningModule):
     # -- initialisation from a checkpoint -------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.init_from and not (self.trainer and self.trainer.ckpt_path):
-            state = load_state_dict(self.init_from)
-            missing, unexpected = self.load_state_dict(state, strict=False)
-            log.info("init_from %s: %d missing, %d unexpected keys", self.init_from, len(missing), len(unexpected))
-            if missing:
-                log.warning("init_from: not in checkpoint (newly initialised): %s", _short(missing))
-            if unexpected:
-                log.warning("init_from: in checkpoint but unused: %s", _short(unexpected))
+            self.load_init_from(self.init_from)
+
+    def load_init_from(self, path: str) -> None:
+        """Start from the weights in ``path`` (``init_from``): position embeddings of another
+        resolution are interpolated, queues of another size dropped; missing and unused keys
+        are logged. Objectives with an ``on_init_from`` hook then adapt their state (e.g. a
+        feature queue forgets the sample ids of the pretraining data)."""
+        state, notes = fit_state_to_model(load_state_dict(path), self, where=f"init_from {path}")
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        log.info("init_from %s: %d missing, %d unexpected keys", path, len(missing), len(unexpected))
+        for note in notes:
+            log.warning("init_from: %s", note)
+        if missing:
+            log.warning("init_from: not in checkpoint (newly initialised): %s", _short(missing))
+        if unexpected:
+            log.warning("init_from: in checkpoint but unused: %s", _short(unexpected))
+        for objective in self.objectives:
+            if hasattr(objective, "on_init_from"):
+                objective.on_init_from()
 
 
 def batch_size_of(batch: dict) -> int:

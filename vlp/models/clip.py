@@ -75,7 +75,6 @@ class CLIP(VLPModule):
         if lock_text is not None:
             text_encoder.lock(unlocked_layers=lock_text)
         self.metrics = nn.ModuleDict()
-        self.results: dict[str, dict] = {}
 
     # -- the model ------------------------------------------------------------------------
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:

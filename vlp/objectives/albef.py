@@ -129,6 +129,12 @@ class MomentumITC(ITC):
         }
 
     @torch.no_grad()
+    def on_init_from(self) -> None:
+        """After ``init_from``: queued features stay (they are valid negatives), but their
+        sample ids belong to the data the checkpoint was trained on, so they are forgotten."""
+        self.idx_queue.fill_(-100)
+
+    @torch.no_grad()
     def after_step(self) -> None:
         """Enqueue the last training batch's momentum features (gathered from all ranks)."""
         if self._pending is None:

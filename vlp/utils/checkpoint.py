@@ -5,10 +5,12 @@ Checkpoints from others are untrusted. Every failure names the file.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from vlp.errors import CheckpointError
 from vlp.utils.paths import resolve_path
@@ -45,3 +47,72 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise CheckpointError(f"{path}: no state dict found (expected a 'state_dict' mapping of tensors)")
     return ckpt
+
+
+# -- fitting a state dict to a model of another resolution or queue size -------------------
+QUEUE_BUFFERS = ("image_queue", "text_queue", "queue_ptr", "idx_queue")
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
+    """(1, P + h*w, D) → (1, P + H*W, D): bicubic over the square patch grid, prefix tokens kept (ALBEF's rule)."""
+    n = pos_embed.shape[1] - num_prefix
+    side = math.isqrt(n)
+    if side * side != n:
+        raise CheckpointError(f"pos_embed has {n} patch positions: not a square grid")
+    prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]  # (1, P, D), (1, n, D)
+    D = pos_embed.shape[-1]
+    patches = patches.reshape(1, side, side, D).permute(0, 3, 1, 2).float()  # (1, D, h, w)
+    patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)  # (1, D, H, W)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], D).to(pos_embed.dtype)  # (1, H*W, D)
+    return torch.cat([prefix, patches], dim=1)
+
+
+def is_pos_embed(key: str, t: torch.Tensor, want: torch.Tensor) -> bool:
+    """A ViT position embedding (``*.pos_embed``) of another grid, same width."""
+    return key.endswith("pos_embed") and t.ndim == want.ndim == 3 and t.shape[-1] == want.shape[-1]
+
+
+def resize_pos_embed(model: torch.nn.Module, key: str, t: torch.Tensor, want: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """``t`` interpolated to the patch grid of ``model``'s ``key`` (its owner's ``grid_size``
+    and ``num_prefix_tokens``, timm's attributes); → the tensor and a note for the log."""
+    owner = model.get_submodule(key.rsplit(".", 1)[0]) if "." in key else model
+    prefix = int(getattr(owner, "num_prefix_tokens", 1))
+    n = want.shape[1] - prefix
+    grid = getattr(getattr(owner, "patch_embed", None), "grid_size", None) or (math.isqrt(n), math.isqrt(n))
+    grid = tuple(int(g) for g in grid)
+    if grid[0] * grid[1] != n:
+        raise CheckpointError(f"cannot infer the patch grid of {key} ({n} positions)")
+    side = math.isqrt(t.shape[1] - prefix)
+    note = f"{key}: {side}x{side} -> {grid[0]}x{grid[1]} patches (bicubic, prefix tokens kept)"
+    return interpolate_pos_embed(t, grid, prefix), note
+
+
+def fit_state_to_model(state: dict[str, torch.Tensor], model: torch.nn.Module, where: str) -> tuple[dict, list[str]]:
+    """Adapt ``state`` to ``model`` where the difference is expected when fine-tuning: position
+    embeddings of another resolution are interpolated, feature queues of another size are
+    dropped (the model keeps its own). Any other shape mismatch raises a
+    :class:`CheckpointError` listing the keys. → the adapted state and notes for the log."""
+    own = model.state_dict()
+    out, notes, mismatched, queues = {}, [], [], set()
+    for key, t in state.items():
+        want = own.get(key)
+        if want is None or t.shape == want.shape:
+            out[key] = t
+        elif is_pos_embed(key, t, want):
+            out[key], note = resize_pos_embed(model, key, t, want)
+            notes.append(note)
+        elif key.rsplit(".", 1)[-1] in QUEUE_BUFFERS:
+            notes.append(f"{key}: queue of another size ({tuple(t.shape)} vs {tuple(want.shape)}), not loaded")
+            queues.add(key.rsplit(".", 1)[0])
+        else:
+            mismatched.append(f"{key}: checkpoint {tuple(t.shape)}, model {tuple(want.shape)}")
+    for owner in queues:  # the rest of a dropped queue (its pointer, its ids) goes with it
+        for name in QUEUE_BUFFERS:
+            out.pop(f"{owner}.{name}", None)
+    if mismatched:
+        raise CheckpointError(
+            f"{where}: {len(mismatched)} tensors do not fit the model: "
+            + "; ".join(mismatched[:10])
+            + (f"; ... ({len(mismatched) - 10} more)" if len(mismatched) > 10 else "")
+        )
+    return out, notes

@@ -1,0 +1,104 @@
+"""``vlp compare``: test results of several runs side by side.
+
+    vlp compare runs/tiny_clip_minilm runs/tiny_albef [--source test]
+
+Each argument is a ``test_results.json`` written by ``vlp test`` (see
+``VLPModule.on_test_end``) or a run folder, in which the newest such file is used. Rows are
+the metrics any run reports (R@K per direction and their mean, for ITC and, for fusion
+models, after ITM re-ranking; the ITM accuracy), columns the runs, with chance last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vlp.errors import ConfigError
+
+RESULTS_FILE = "test_results.json"
+
+# (key, label) in print order; a row is printed when any run has the key
+ROWS = [
+    *((f"i2t_r{k}", f"image→text R@{k:<3} ITC") for k in (1, 5, 10)),
+    *((f"itm_i2t_r{k}", f"image→text R@{k:<3} ITC+ITM") for k in (1, 5, 10)),
+    *((f"t2i_r{k}", f"text→image R@{k:<3} ITC") for k in (1, 5, 10)),
+    *((f"itm_t2i_r{k}", f"text→image R@{k:<3} ITC+ITM") for k in (1, 5, 10)),
+    ("rmean", "mean R@K       ITC"),
+    ("itm_rmean", "mean R@K       ITC+ITM"),
+    ("itm_acc", "ITM accuracy (balanced)"),
+]
+CHANCE = {"itm_acc": 50.0}  # balanced: half matching pairs, half hardest negatives
+
+
+def find_results(path: str | Path) -> Path:
+    """``path`` itself if it is a file, else the newest ``test_results.json`` below it."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such results file or run folder")
+    found = sorted(path.rglob(RESULTS_FILE), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ConfigError(f"{path}: no {RESULTS_FILE} below it; run `vlp test --ckpt CKPT` first")
+    return found[-1]
+
+
+def load_results(path: str | Path) -> dict:
+    file = find_results(path)
+    try:
+        record = json.loads(file.read_text())
+        record["results"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{file}: not a vlp test results file ({e})") from None
+    return record
+
+
+def _chance(record: dict, key: str) -> float | None:
+    if key in CHANCE:
+        return CHANCE[key]
+    chance = record.get("chance", {})
+    return chance.get(key.removeprefix("itm_"))
+
+
+def compare_table(records: dict[str, dict], source: str = "test") -> str:
+    """Text table of ``records`` (run name → results record) for evaluation ``source``."""
+    picked: dict[str, dict] = {}
+    for name, record in records.items():
+        results = record["results"]
+        if source not in results:
+            raise ConfigError(f"{name}: no results for {source!r} (has {sorted(results)})")
+        picked[name] = {**results[source], "model": record.get("model", "?"), "n": record.get("num_parameters")}
+    names = list(picked)
+    width = max(12, *(len(n) + 2 for n in names))
+    label_w = max(len(label) for _, label in ROWS) + 2
+    lines = [f"{'':{label_w}}" + "".join(f"{n:>{width}}" for n in names) + f"{'chance':>{width}}"]
+    lines.append(f"{'model':{label_w}}" + "".join(f"{picked[n]['model']:>{width}}" for n in names))
+    params = [f"{picked[n]['n'] / 1e6:.2f} M" if picked[n]["n"] else "?" for n in names]
+    lines.append(f"{'parameters':{label_w}}" + "".join(f"{p:>{width}}" for p in params))
+    for key, label in ROWS:
+        if not any(key in picked[n]["scores"] for n in names):
+            continue
+        cells = [picked[n]["scores"].get(key) for n in names]
+        chance = next((c for n in names if (c := _chance(picked[n], key)) is not None), None)
+        row = "".join(f"{v:{width}.2f}" if v is not None else f"{'-':>{width}}" for v in cells)
+        lines.append(f"{label:{label_w}}{row}" + (f"{chance:{width}.2f}" if chance is not None else ""))
+    first = next(iter(picked.values()))
+    lines.append(f"({first.get('num_images', '?')} images, {first.get('num_texts', '?')} texts; '-': not reported)")
+    return "\n".join(lines)
+
+
+def compare_main(args: list[str]) -> str:
+    parser = argparse.ArgumentParser(prog="vlp compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="test_results.json files or run folders")
+    parser.add_argument("--source", default="test", help="evaluation source (default: test)")
+    ns = parser.parse_args(args)
+    records = {}
+    for run in ns.runs:
+        name = Path(run).name if Path(run).is_dir() else Path(run).parent.name
+        while name in records:
+            name += "'"
+        records[name] = load_results(run)
+    table = compare_table(records, ns.source)
+    print(table)
+    return table
