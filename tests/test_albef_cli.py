@@ -17,6 +17,7 @@ from jsonargparse import ArgumentParser
 from vlp.cli import cli_main
 from vlp.data.synth import write_shapes
 from vlp.errors import CheckpointError
+from vlp.eval.compare import run_names
 from vlp.models import ALBEF
 from vlp.utils.checkpoint import interpolate_pos_embed, load_state_dict
 
@@ -141,13 +142,20 @@ def test_compare_prints_runs_side_by_side(pretrained, capsys):
     if not list(run.rglob("test_results.json")):
         _in(run, ["test", "--ckpt", str(run / "checkpoints/last.ckpt"), "--trainer.enable_progress_bar=false"])
     capsys.readouterr()
-    table = cli_main(["compare", str(run), str(run)])
+    table = cli_main(["compare", str(run), str(run), "--names", "first,second"])
     assert table == capsys.readouterr().out.rstrip("\n")
     lines = table.splitlines()
-    assert "pretrain" in lines[0] and "pretrain'" in lines[0] and "chance" in lines[0]
+    assert lines[0].split() == ["first", "second", "chance"]
     assert any(line.startswith("ITM accuracy") for line in lines)
     itm_row = next(line for line in lines if line.startswith("mean R@K       ITC+ITM")).split()
     record = json.loads(sorted(run.rglob("test_results.json"))[-1].read_text())["results"]["test"]
+    # default column names: the run folders' names, or the paths where those repeat
+    (run.parent / "other").mkdir(exist_ok=True)
+    assert run_names([str(run), str(run.parent / "other")]) == ["pretrain", "other"]
+    assert run_names([f"a/{run.name}", f"b/{run.name}/"]) == [f"a/{run.name}", f"b/{run.name}"]
+    with pytest.raises(SystemExit):  # one error paragraph: --names of the wrong length
+        cli_main(["compare", str(run), "--names", "a,b"])
+    assert "--names needs 1 distinct names" in capsys.readouterr().err
     # one run twice, then the chance column
     assert itm_row[-3:] == [f"{record['scores']['itm_rmean']:.2f}"] * 2 + [f"{record['chance']['rmean']:.2f}"]
 

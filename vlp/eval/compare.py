@@ -1,6 +1,6 @@
 """``vlp compare``: test results of several runs side by side.
 
-    vlp compare runs/tiny_clip_minilm runs/tiny_albef [--source test]
+    vlp compare runs/tiny_clip_minilm runs/tiny_albef [--source test] [--names clip,albef]
 
 Each argument is a ``test_results.json`` written by ``vlp test`` (see
 ``VLPModule.on_test_end``) or a run folder, in which the newest such file is used. Rows are
@@ -92,13 +92,20 @@ def compare_main(args: list[str]) -> str:
     parser = argparse.ArgumentParser(prog="vlp compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="test_results.json files or run folders")
     parser.add_argument("--source", default="test", help="evaluation source (default: test)")
+    parser.add_argument("--names", help="comma-separated column names (default: the run folders' names)")
     ns = parser.parse_args(args)
-    records = {}
-    for run in ns.runs:
-        name = Path(run).name if Path(run).is_dir() else Path(run).parent.name
-        while name in records:
-            name += "'"
-        records[name] = load_results(run)
+    names = run_names(ns.runs) if ns.names is None else [n.strip() for n in ns.names.split(",")]
+    if len(names) != len(ns.runs) or len(set(names)) != len(names):
+        raise ConfigError(f"--names needs {len(ns.runs)} distinct names, got {ns.names!r}")
+    records = {name: load_results(run) for name, run in zip(names, ns.runs, strict=True)}
     table = compare_table(records, ns.source)
     print(table)
     return table
+
+
+def run_names(runs: list[str]) -> list[str]:
+    """Column names: each run folder's name (a results file's run folder), or the paths as
+    given where those names repeat."""
+    folders = [Path(r).parent if str(r).endswith(".json") else Path(r) for r in runs]
+    names = [f.name for f in folders]
+    return names if len(set(names)) == len(names) else [str(r).rstrip("/") for r in runs]
