@@ -12,7 +12,7 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from vlp.cli import cli_main
-from vlp.models import ALBEF
+from vlp.models import ALBEF, VLPModule
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "ablations" not in p.parts)
@@ -20,6 +20,8 @@ ABLATIONS = sorted((REPO / "recipes" / "ablations").glob("*.yaml"))
 
 
 def _base_of(ablation: Path) -> Path:
+    if ablation.name.startswith("meter"):
+        return REPO / "recipes" / ("tiny/meter.yaml" if "_tiny_" in ablation.name else "meter_clip16_roberta.yaml")
     return REPO / "recipes" / ("tiny/albef.yaml" if "_tiny_" in ablation.name else "albef_4m.yaml")
 
 
@@ -37,11 +39,16 @@ def test_ablation_stacks_on_its_base(ablation, capsys):
         cli_main(["fit", "--config", str(_base_of(ablation)), "--config", str(ablation), "--print_config"])
     assert e.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    names = [o["class_path"].rsplit(".", 1)[1] for o in printed["model"]["init_args"]["objectives"]]
-    assert ("MomentumITC" in names) == ("_itc_" in ablation.name)
+    model = printed["model"]["init_args"]
+    names = [o["class_path"].rsplit(".", 1)[1] for o in model["objectives"]]
+    if ablation.name.startswith("meter"):
+        assert ("ITC" in names) == ("_itc" in ablation.name) and ("ITM" in names) == ("_mlm.yaml" not in ablation.name)
+        assert model["fusion"]["class_path"].endswith("MergedAttentionFusion") == ("merged" in ablation.name)
+    else:
+        assert ("MomentumITC" in names) == ("_itc_" in ablation.name)
 
 
-@pytest.mark.parametrize("ablation", [a for a in ABLATIONS if "_tiny_" in a.name], ids=lambda p: p.name)
+@pytest.mark.parametrize("ablation", [a for a in ABLATIONS if a.name.startswith("albef_tiny_")], ids=lambda p: p.name)
 def test_tiny_ablations_build(ablation):
     config = yaml.safe_load((REPO / "recipes/tiny/albef.yaml").read_text())["model"]
     override = yaml.safe_load(ablation.read_text())["model"]["init_args"]
@@ -77,3 +84,49 @@ def test_tiny_ablations_build(ablation):
     assert model.fusion.blocks[-1].cross_attn.q.weight.grad is not None  # ITM / MLM went through fusion
     assert mlm.head.dense.weight.grad is not None and itm.head.weight.grad is not None
     assert (model.image_proj.weight.grad is not None) == ("_itc_" in ablation.name)
+
+
+def _build(recipe: Path, override: Path | None = None):
+    config = yaml.safe_load(recipe.read_text())["model"]
+    if override is not None:
+        config["init_args"].update(yaml.safe_load(override.read_text())["model"]["init_args"])
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(VLPModule, "model")
+    return parser.instantiate(parser.parse_object({"model": config})).model
+
+
+@pytest.mark.parametrize("ablation", [a for a in ABLATIONS if a.name.startswith("meter_tiny_")], ids=lambda p: p.name)
+def test_tiny_meter_ablations_build_and_train_a_step(ablation):
+    base = _build(REPO / "recipes/tiny/meter.yaml")
+    model = _build(REPO / "recipes/tiny/meter.yaml", ablation)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    if "merged" in ablation.name:  # merged vs co-attention at (nearly) equal size
+        assert type(model.fusion).__name__ == "MergedAttentionFusion"
+        assert abs(n(model.fusion) - n(base.fusion)) / n(base.fusion) < 0.1
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (4, 9), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = ids[:, 3]
+    b = {
+        "modality": "pair",
+        "image": torch.randn(4, 3, 64, 64, generator=g),
+        "text_ids": ids,
+        "text_mask": torch.ones_like(ids),
+        "image_id": torch.arange(4),
+        "text_image_id": torch.arange(4),
+        "mlm_input_ids": ids.masked_fill(labels != -100, 103),
+        "mlm_labels": labels,
+    }
+    model.train()
+    loss = model.training_step(b, 0)
+    loss.backward()
+    # MLM reads the text stream only: the last image layer and the image pooler get no gradient then
+    fused = model.fusion.text_layers if ablation.name.endswith("_mlm.yaml") else model.fusion
+    assert all(p.grad is not None for p in fused.parameters())
+    assert [o.name for o in model.objectives] == (
+        ["mlm"]
+        if ablation.name.endswith("_mlm.yaml")
+        else ["mlm", "itm", "itc"]
+        if "itc" in ablation.name
+        else ["mlm", "itm"]
+    )

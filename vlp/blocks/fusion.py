@@ -41,7 +41,7 @@ class MergedAttentionFusion(nn.Module):
         drop_path_rate: float = 0.0,
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         act_layer: Callable[..., nn.Module] = nn.GELU,
-        block_layer: Callable[..., nn.Module] = TransformerBlock,
+        block_layer: type[nn.Module] = TransformerBlock,
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
@@ -105,7 +105,7 @@ class CoAttentionFusion(nn.Module):
         drop_path_rate: float = 0.0,
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         act_layer: Callable[..., nn.Module] = nn.GELU,
-        block_layer: Callable[..., nn.Module] = TransformerBlock,
+        block_layer: type[nn.Module] = TransformerBlock,
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()

@@ -9,13 +9,35 @@ from vlp.eval.retrieval import (
     rerank_topk,
     retrieval_scores,
 )
+from vlp.eval.vqa import (
+    ClassificationAccuracy,
+    SoftTargets,
+    VQAAccuracy,
+    format_vqa_table,
+    meter_answer_score,
+    normalize_answer,
+    vqa_accuracy,
+    vqa_answer_score,
+    vqa_soft_scores,
+    vqa_soft_target,
+)
 
 __all__ = [
+    "ClassificationAccuracy",
     "RetrievalMetric",
+    "SoftTargets",
+    "VQAAccuracy",
     "chance_recall",
     "format_rerank_table",
     "format_table",
+    "format_vqa_table",
+    "meter_answer_score",
+    "normalize_answer",
     "recall_at_k",
     "rerank_topk",
     "retrieval_scores",
+    "vqa_accuracy",
+    "vqa_answer_score",
+    "vqa_soft_scores",
+    "vqa_soft_target",
 ]

@@ -3,6 +3,17 @@
 from vlp.models.albef import ALBEF, ALBEFOutput
 from vlp.models.base import OptimConfig, VLPModule
 from vlp.models.clip import CLIP
+from vlp.models.meter import METER, METEROutput
 from vlp.models.outputs import DualEncoderOutput, VLPOutput
 
-__all__ = ["ALBEF", "ALBEFOutput", "CLIP", "DualEncoderOutput", "OptimConfig", "VLPModule", "VLPOutput"]
+__all__ = [
+    "ALBEF",
+    "ALBEFOutput",
+    "CLIP",
+    "DualEncoderOutput",
+    "METER",
+    "METEROutput",
+    "OptimConfig",
+    "VLPModule",
+    "VLPOutput",
+]

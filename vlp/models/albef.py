@@ -133,6 +133,10 @@ class ALBEF(VLPModule):
         fusion = getattr(self, "fusion" + self._suffix(momentum))
         return fusion(text_tokens, mask=text_mask.bool(), context=image_tokens)
 
+    def match_features(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor):
+        """What ITM classifies: the fused CLS token (N, Dt) of each (text, image) pair."""
+        return self.fuse(text_tokens, text_mask, image_tokens)[:, 0]
+
     def mlm_hidden(
         self, input_ids: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor, momentum: bool = False
     ) -> torch.Tensor:
@@ -172,7 +176,7 @@ class ALBEF(VLPModule):
             text_embeds=text_embeds,
         )
         if any(o.name == "itm" for o in self.objectives):
-            out.fused_cls = self.fuse(text_tokens, mask, image_tokens)[:, 0]  # (B, Dt)
+            out.fused_cls = self.match_features(text_tokens, mask, image_tokens)  # (B, Dt)
         if self.use_momentum and self.training:
             with torch.no_grad():
                 out.image_tokens_m, out.image_embeds_m = self.encode_image(batch["image"], momentum=True)
@@ -232,7 +236,7 @@ class ALBEF(VLPModule):
             hits = []
             for s in range(0, len(i), chunk):
                 ii, tt = i[s : s + chunk], t[s : s + chunk]
-                fused = self.fuse(text_tokens[tt], text_mask[tt], image_tokens[ii])[:, 0]  # (n, Dt)
+                fused = self.match_features(text_tokens[tt], text_mask[tt], image_tokens[ii])  # (n, Dt)
                 hits.append(itm.is_match(fused) == label)
             accs.append(torch.cat(hits).float().mean().item())
         return 100 * sum(accs) / 2
@@ -282,7 +286,7 @@ class ALBEF(VLPModule):
                     text_mask=text_mask,
                     image_tokens=image_tokens,
                 ) -> torch.Tensor:
-                    fused = self.fuse(text_tokens[t], text_mask[t], image_tokens[i])[:, 0]  # (n, Dt)
+                    fused = self.match_features(text_tokens[t], text_mask[t], image_tokens[i])  # (n, Dt)
                     return itm.score(fused)  # (n,)
 
                 reranked = rerank_topk(sims, self.rerank_k, score)

@@ -4,5 +4,17 @@ from vlp.objectives.albef import ITM, MLM, MomentumITC
 from vlp.objectives.base import Objective
 from vlp.objectives.distributed import gather_no_grad, gather_with_grad, world_info
 from vlp.objectives.itc import ITC
+from vlp.objectives.tasks import VE, VQA
 
-__all__ = ["ITC", "ITM", "MLM", "MomentumITC", "Objective", "gather_no_grad", "gather_with_grad", "world_info"]
+__all__ = [
+    "ITC",
+    "ITM",
+    "MLM",
+    "MomentumITC",
+    "Objective",
+    "VE",
+    "VQA",
+    "gather_no_grad",
+    "gather_with_grad",
+    "world_info",
+]

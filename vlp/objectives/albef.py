@@ -189,8 +189,12 @@ def sample_negatives(weights: torch.Tensor, forbidden: torch.Tensor, generator: 
 
 
 class ITM(Objective):
-    """Image-text matching: a binary head on the fused CLS token of matched pairs and of
+    """Image-text matching: a binary head on the match features of matched pairs and of
     negatives, one negative image per text and one negative text per image.
+
+    The model provides ``match_features(text_tokens, text_mask, image_tokens) → (N, dim)``
+    (ALBEF: the fused CLS token; METER: both streams' pooled first tokens, concatenated)
+    and puts those of the matched pairs in ``output.fused_cls``.
 
     Negatives are "hard" (ALBEF): drawn per sample with probability softmax(ITC similarity)
     within the batch, never the pair itself nor a pair sharing its ``image_id``; with
@@ -198,7 +202,7 @@ class ITM(Objective):
     negatives). Labels: 1 for the B matched pairs, 0 for the 2B negatives.
 
     Args:
-        dim: width of the fused tokens.
+        dim: width of the match features.
         hard_negatives: sample by ITC similarity (True) or uniformly.
         temperature: used for the sampling softmax when the model has no ITC objective.
         exclude_same_text: never use a caption identical to the positive one as a negative
@@ -252,7 +256,7 @@ class ITM(Objective):
         neg_text_tokens = torch.cat([text, text[neg_text]])  # (2B, L, D)
         neg_text_mask = torch.cat([mask, mask[neg_text]])  # (2B, L)
         neg_image_tokens = torch.cat([image[neg_image], image])  # (2B, Li, Dv)
-        fused_neg = model.fuse(neg_text_tokens, neg_text_mask, neg_image_tokens)[:, 0]  # (2B, D)
+        fused_neg = model.match_features(neg_text_tokens, neg_text_mask, neg_image_tokens)  # (2B, D)
         cls = torch.cat([output.fused_cls, fused_neg])  # (3B, D)
         logits = self.head(cls)  # (3B, 2)
         B = text.shape[0]
@@ -273,17 +277,21 @@ class ITM(Objective):
 
 
 class MLMHead(nn.Module):
-    """BERT's prediction head: dense → GELU → LayerNorm → (tied word embeddings) + bias."""
+    """BERT's prediction head: dense → GELU → LayerNorm → decoder + bias. The decoder is the
+    word-embedding matrix passed to ``forward`` (tied, BERT/ALBEF) or, with ``tied=False``,
+    its own (vocab, dim) matrix (ViLT/METER)."""
 
-    def __init__(self, dim: int, vocab_size: int, norm_eps: float = 1e-12) -> None:
+    def __init__(self, dim: int, vocab_size: int, norm_eps: float = 1e-12, tied: bool = True) -> None:
         super().__init__()
         self.dense = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.decoder = None if tied else nn.Parameter(torch.empty(vocab_size, dim).normal_(std=0.02))
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
-    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm(F.gelu(self.dense(hidden)))  # (..., D)
-        return h @ word_embeddings.T + self.bias  # (..., V)
+        weight = self.decoder if self.decoder is not None else word_embeddings  # (V, D)
+        return h @ weight.T + self.bias  # (..., V)
 
 
 class MLM(Objective):
@@ -291,38 +299,56 @@ class MLM(Objective):
     momentum distillation of the targets: ``(1 - alpha) * CE(labels) + alpha * CE(softmax(momentum logits))``
     over the masked positions. Needs ``data.maskers: [vlp.data.MLMMasker]``.
 
+    The model provides ``mlm_hidden(input_ids, mask, image_tokens) → (B, L, dim)`` (the text
+    stream after fusion) and, for a tied decoder, ``word_embeddings() → (V, dim)``.
+
     Args:
-        dim / vocab_size: text width and vocabulary (the decoder is tied to the word embeddings).
+        dim / vocab_size: text width and vocabulary.
         distill: use the momentum model's predictions (needs the model's momentum copies).
+        tie_weights: decode with the text encoder's word embeddings (BERT, ALBEF) or with a
+            matrix of the head's own (METER, ViLT; needed when the fused width differs from
+            the embedding width).
     """
 
     name = "mlm"
     requires = ("image_tokens",)
     requires_batch = ("mlm_input_ids", "mlm_labels", "text_mask")
 
-    def __init__(self, weight: float = 1.0, *, dim: int = 768, vocab_size: int = 30522, distill: bool = True):
+    def __init__(
+        self,
+        weight: float = 1.0,
+        *,
+        dim: int = 768,
+        vocab_size: int = 30522,
+        distill: bool = True,
+        tie_weights: bool = True,
+    ):
         super().__init__(weight)
-        self.head = MLMHead(dim, vocab_size)
+        self.head = MLMHead(dim, vocab_size, tied=tie_weights)
         self.distill = distill
         self.needs_momentum = distill
-        self.head_m = MLMHead(dim, vocab_size)
-        self.head_m.load_state_dict(self.head.state_dict())
-        self.head_m.requires_grad_(False)
+        self.head_m = None  # the momentum copy exists only to distil
+        if distill:
+            self.head_m = MLMHead(dim, vocab_size, tied=tie_weights)
+            self.head_m.load_state_dict(self.head.state_dict())
+            self.head_m.requires_grad_(False)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.head, self.head_m)]
+        return [(self.head, self.head_m)] if self.head_m is not None else []
 
     def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         ids, labels, mask = batch["mlm_input_ids"], batch["mlm_labels"], batch["text_mask"]
         hidden = model.mlm_hidden(ids, mask, output.image_tokens)  # (B, L, D)
         target = labels != -100  # (B, L)
-        logits = self.head(hidden[target], model.word_embeddings())  # (M, V)
+        tied = self.head.decoder is None
+        logits = self.head(hidden[target], model.word_embeddings() if tied else None)  # (M, V)
         loss = F.cross_entropy(logits, labels[target]) if target.any() else logits.sum() * 0
         alpha = float(getattr(model, "distill_alpha", 0.0)) if self.distill else 0.0
         if alpha > 0 and target.any():
             with torch.no_grad():
                 hidden_m = model.mlm_hidden(ids, mask, output.image_tokens_m, momentum=True)  # (B, L, D)
-                soft = F.softmax(self.head_m(hidden_m[target], model.word_embeddings(momentum=True)), dim=-1)
+                emb_m = model.word_embeddings(momentum=True) if tied else None
+                soft = F.softmax(self.head_m(hidden_m[target], emb_m), dim=-1)
             loss = (1 - alpha) * loss + alpha * soft_cross_entropy(logits, soft)
         with torch.no_grad():
             acc = (logits.argmax(-1) == labels[target]).float().mean() if target.any() else logits.new_zeros(())

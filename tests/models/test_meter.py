@@ -1,0 +1,187 @@
+"""METER: both fusions' shapes and gradients, the match features by hand, MLM/ITM/ITC
+from the shared objectives, parameter-group learning rates, pretraining evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlp.blocks import CoAttentionFusion, MergedAttentionFusion
+from vlp.encoders import HFTextEncoder, TimmVisionEncoder
+from vlp.errors import ConfigError
+from vlp.models import METER, OptimConfig
+from vlp.objectives import ITC, ITM, MLM, VE, VQA, MomentumITC
+
+V, Dv, Dt, D, B, L = 50, 24, 40, 32, 4, 7
+
+
+def tiny_meter(fusion: str = "co", objectives=None, **kwargs) -> METER:
+    torch.manual_seed(0)
+    image = TimmVisionEncoder(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        pool="cls",
+        model_kwargs=dict(patch_size=16, embed_dim=Dv, depth=1, num_heads=2),
+    )
+    text = HFTextEncoder(
+        config=dict(
+            model_type="bert",
+            vocab_size=V,
+            hidden_size=Dt,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=16,
+        )
+    )
+    cls = CoAttentionFusion if fusion == "co" else MergedAttentionFusion
+    fuse = cls(D, 1, 2, mlp_ratio=2.0)
+    if objectives is None:
+        objectives = [MLM(dim=D, vocab_size=V, distill=False, tie_weights=False), ITM(dim=2 * D, hard_negatives=False)]
+    return METER(image, text, fuse, objectives, hidden_size=D, embed_dim=16, **kwargs)
+
+
+def batch(seed: int = 0, modality: str = "pair") -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, V, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, 5:] = 0
+    labels = torch.full((B, L), -100)
+    labels[:, 2] = ids[:, 2]
+    mlm_ids = ids.clone()
+    mlm_ids[:, 2] = 3
+    return {
+        "modality": modality,
+        "image": torch.randn(B, 3, 32, 32, generator=g),
+        "text_ids": ids,
+        "text_mask": mask,
+        "image_id": torch.arange(B),
+        "text_image_id": torch.arange(B),
+        "mlm_input_ids": mlm_ids,
+        "mlm_labels": labels,
+    }
+
+
+@pytest.mark.parametrize("fusion", ["co", "merged"])
+def test_every_parameter_gets_a_gradient(fusion):
+    model = tiny_meter(
+        fusion,
+        objectives=[
+            MLM(dim=D, vocab_size=V, distill=False, tie_weights=False),
+            ITM(dim=2 * D, hard_negatives=True),
+            ITC(),
+        ],
+    )
+    model.train()
+    loss = model.training_step(batch(), 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("fusion", ["co", "merged"])
+def test_shapes_and_masked_text(fusion):
+    model = tiny_meter(fusion).eval()
+    b = batch()
+    out = model(b)
+    assert out.image_tokens.shape == (B, 1 + 4, D) and out.text_tokens.shape == (B, L, D)
+    assert out.fused_cls.shape == (B, 2 * D)
+    assert model.mlm_hidden(b["mlm_input_ids"], b["text_mask"], out.image_tokens).shape == (B, L, D)
+    # padding never leaks: changing ids behind the mask changes nothing
+    ids = b["text_ids"].clone()
+    ids[1, 5:] = 7
+    torch.testing.assert_close(
+        model.match_features(model.embed_text(ids, b["text_mask"])[0], b["text_mask"], out.image_tokens)[1],
+        out.fused_cls[1],
+    )
+
+
+def test_match_features_by_hand():
+    """Type embeddings on the projected tokens, fusion, poolers = tanh(dense(first token)), concat."""
+    model = tiny_meter("co").eval()
+    b = batch()
+    with torch.no_grad():
+        img = model.image_encoder(b["image"]).tokens @ model.image_proj.weight.T + model.image_proj.bias
+        img = img + model.token_type.weight[1]
+        txt = model.text_encoder(b["text_ids"], b["text_mask"]).tokens @ model.text_proj.weight.T + model.text_proj.bias
+        txt = txt + model.token_type.weight[0]
+        fused = model.fusion(txt, img, text_mask=b["text_mask"].bool())
+        t = torch.tanh(fused.text_tokens[:, 0] @ model.text_pooler.dense.weight.T + model.text_pooler.dense.bias)
+        v = torch.tanh(fused.image_tokens[:, 0] @ model.image_pooler.dense.weight.T + model.image_pooler.dense.bias)
+        torch.testing.assert_close(model(b).fused_cls, torch.cat([t, v], dim=-1))
+
+
+def test_mlm_head_untied_or_tied():
+    untied = tiny_meter().objectives[0]
+    assert untied.head.decoder.shape == (V, D) and untied.head_m is None
+    # tying needs the fused width to equal the word-embedding width
+    with pytest.raises(ConfigError, match="tie_weights: false"):
+        tiny_meter(objectives=[MLM(dim=D, vocab_size=V, distill=False)])
+
+
+def test_objectives_that_need_a_momentum_model_are_refused():
+    with pytest.raises(ConfigError, match="METER has no momentum model"):
+        tiny_meter(objectives=[MomentumITC(queue_size=8, embed_dim=16)])
+    with pytest.raises(ConfigError, match="METER has no momentum model"):
+        tiny_meter(objectives=[MLM(dim=D, vocab_size=V, tie_weights=False)])  # distill: true
+
+
+def test_learning_rates_per_part():
+    """The paper's Table 6 setting: 5x for the newly initialised top."""
+    top = ["fusion", "image_proj", "text_proj", "token_type", "text_pooler", "image_pooler", "objectives"]
+    model = tiny_meter(optim=OptimConfig(lr=1e-5, lr_mult={k: 5.0 for k in top}))
+    lrs = {n: g["lr"] for g in model.param_groups() for n in g["names"]}
+    assert lrs and all(lr == pytest.approx(5e-5) for n, lr in lrs.items() if n.split(".")[0] in top)
+    assert all(lr == pytest.approx(1e-5) for n, lr in lrs.items() if n.split(".")[0] not in top)
+    assert {n.split(".")[0] for n, lr in lrs.items() if lr == pytest.approx(1e-5)} == {"image_encoder", "text_encoder"}
+    # freezing the bottom layers of a tower is a recipe pattern too
+    frozen = tiny_meter(optim=OptimConfig(freeze=["image_encoder.*"]))
+    names = {n for g in frozen.param_groups() for n in g["names"]}
+    assert names and not any(n.startswith("image_encoder.") for n in names)
+
+
+def test_pretraining_evaluation_reports_itm_and_mlm_accuracy():
+    model = tiny_meter().eval()
+    b = batch(modality="retrieval")
+    # two captions per image in a retrieval batch: text_image_id maps captions to images
+    b["text_image_id"] = torch.tensor([0, 0, 1, 3])
+    model._eval_step("val", b, 0)
+    model._eval_step("val", batch(1), 0)
+    stats = model._eval["val_0"]
+    assert stats["itm_True_n"] == 2 * B and stats["itm_False_n"] == 2 * B and stats["mlm_n"] == 2 * B
+    model._eval_epoch_end("val")
+    scores = model.results["val"]["scores"]
+    assert set(scores) == {"itm_acc", "mlm_acc"} and 0 <= scores["itm_acc"] <= 100
+
+
+def test_meter_fine_tunes_and_evaluates_vqa_and_ve():
+    model = tiny_meter(objectives=[VQA(dim=2 * D, answers=["yes", "no", "red"]), VE(dim=2 * D)])
+    g = torch.Generator().manual_seed(0)
+    common = {
+        "image": torch.randn(B, 3, 32, 32, generator=g),
+        "image_id": torch.arange(B),
+        "text_ids": torch.randint(5, V, (B, L), generator=g),
+        "text_mask": torch.ones(B, L, dtype=torch.long),
+    }
+    vqa = {**common, "modality": "vqa", "answers": [["yes"], ["no"], ["red"], ["blue"]], "question_type": ["a"] * B}
+    ve = {**common, "modality": "ve", "label": torch.tensor([0, 1, 2, 1])}
+    model.train()
+    for b, objective in ((vqa, "vqa"), (ve, "ve")):
+        model.zero_grad()
+        loss = model.training_step(b, 0)
+        loss.backward()
+        head = next(o for o in model.objectives if o.name == objective)
+        assert all(p.grad is not None for p in head.parameters())
+        assert model.fusion.text_layers[0].attn.qkv.weight.grad is not None
+        other = next(o for o in model.objectives if o.name != objective)
+        assert all(p.grad is None for p in other.parameters())  # a batch trains its own head only
+    model.eval()
+    model._eval_step("val", vqa, 0)
+    model._eval_step("test", ve, 0)
+    model._eval_epoch_end("val")
+    model._eval_epoch_end("test")
+    assert model.results["val"]["task"] == "vqa" and set(model.results["val"]["scores"]) == {"overall", "other"}
+    assert model.results["test"]["task"] == "ve" and set(model.results["test"]["scores"]) == {"acc"}
+    with pytest.raises(ConfigError, match="no task head for 'nlvr2'"):
+        model._eval_step("val", {**vqa, "modality": "nlvr2"}, 0)

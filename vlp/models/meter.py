@@ -1,0 +1,243 @@
+"""METER (Dou et al., CVPR 2022, "An Empirical Study of Training End-to-End
+Vision-and-Language Transformers").
+
+    image ─► image_encoder (CLIP-ViT / ViT / Swin) ─► tokens ─► image_proj + type 1 ─┐
+    text  ─► text_encoder (RoBERTa / BERT) ─► tokens ─► text_proj + type 0 ──────────┤
+                                  fusion (co-attention or merged attention) ◄────────┘
+             text stream ─► text_pooler ─┐
+             image stream ─► image_pooler ┴─► concat (2D) ─► ITM head / task heads
+             text stream ─► MLM head
+
+Every choice the paper studies is a constructor argument: the towers, the fusion module
+(``vlp.blocks.CoAttentionFusion`` or ``MergedAttentionFusion``), and the objectives
+(``MLM``, ``ITM``, optionally ``ITC``; downstream heads ``VQA``, ``NLVR2``, ``VE`` from
+``vlp.objectives``). Learning rates per part (the paper's 5x for the newly initialised
+top) are ``optim.lr_mult``; freezing is ``optim.freeze``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp.encoders.base import Encoder
+from vlp.errors import ConfigError
+from vlp.models.base import OptimConfig, VLPModule
+from vlp.models.outputs import VLPOutput
+from vlp.objectives.base import Objective
+
+
+@dataclass
+class METEROutput(VLPOutput):
+    image_tokens: torch.Tensor | None = None  # (B, Li, D) projected + type embedding: fusion input
+    text_tokens: torch.Tensor | None = None  # (B, Lt, D) projected + type embedding: fusion input
+    text_mask: torch.Tensor | None = None  # (B, Lt) bool
+    fused_cls: torch.Tensor | None = None  # (B, 2D) match features of the batch's pairs
+    image_embeds: torch.Tensor | None = None  # (B, E) normalised unimodal features (ITC only)
+    text_embeds: torch.Tensor | None = None  # (B, E)
+    image_embeds_m: torch.Tensor | None = None  # no momentum model: always None
+    text_embeds_m: torch.Tensor | None = None
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: dense + tanh on the first token → (B, D)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(tokens[:, 0]))
+
+
+class METER(VLPModule):
+    """Fusion encoder over a vision and a text tower.
+
+    Args:
+        image_encoder: vision tower returning all tokens (``OpenCLIPVisionEncoder`` for
+            CLIP-ViT, ``TimmVisionEncoder`` for ViT/Swin).
+        text_encoder: ``HFTextEncoder`` (RoBERTa, BERT).
+        fusion: ``vlp.blocks.CoAttentionFusion`` (paper: 6 layers) or
+            ``MergedAttentionFusion`` (paper: 12), of width ``hidden_size``.
+        objectives: pretraining (``MLM``, ``ITM``, ``ITC``) or task heads.
+        hidden_size: width of the fusion (768).
+        num_token_types: modality-type embeddings: 2 (text 0, image 1); NLVR2 uses a third
+            for the second image.
+        embed_dim: width of the ITC features (only with an ITC objective).
+        optim / init_from: see :class:`~vlp.models.base.VLPModule`.
+    """
+
+    output_type = METEROutput
+
+    def __init__(
+        self,
+        image_encoder: Encoder,
+        text_encoder: Encoder,
+        fusion: nn.Module,
+        objectives: list[Objective] | None = None,
+        *,
+        hidden_size: int = 768,
+        num_token_types: int = 2,
+        embed_dim: int = 256,
+        optim: OptimConfig | None = None,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__(objectives, optim=optim, init_from=init_from)
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.fusion = fusion
+        self.hidden_size = hidden_size
+        self.image_proj = nn.Linear(image_encoder.dim, hidden_size)  # METER: cross_modal_image_transform
+        self.text_proj = nn.Linear(text_encoder.dim, hidden_size)  # METER: cross_modal_text_transform
+        self.token_type = nn.Embedding(num_token_types, hidden_size)
+        self.text_pooler = Pooler(hidden_size)
+        self.image_pooler = Pooler(hidden_size)
+        names = {o.name for o in self.objectives}
+        self.image_itc_proj = self.text_itc_proj = None
+        if "itc" in names:
+            self.image_itc_proj = nn.Linear(image_encoder.pooled_dim, embed_dim)
+            self.text_itc_proj = nn.Linear(text_encoder.pooled_dim, embed_dim)
+        for o in self.objectives:
+            if getattr(o, "needs_momentum", False):
+                raise ConfigError(
+                    f"METER has no momentum model; objective {type(o).__name__} ({o.name}) needs one "
+                    "(use ITC instead of MomentumITC, MLM(distill: false))"
+                )
+            head = getattr(o, "head", None)
+            if o.name == "mlm" and head.decoder is None and text_encoder.dim != hidden_size:
+                raise ConfigError(
+                    f"MLM with tie_weights: true decodes with the word embeddings (width {text_encoder.dim}), "
+                    f"but METER's fused text has width {hidden_size}; use MLM(tie_weights: false)"
+                )
+        self._eval: dict[str, dict[str, float]] = {}
+        self._task_metrics: dict[str, tuple] = {}  # "<stage>_<source>" → (head, torchmetrics metric)
+
+    # -- the model ------------------------------------------------------------------------
+    def embed_image(self, image: torch.Tensor, token_type: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ fusion-ready image tokens (B, Li, D) and the tower's pooled feature (B, Dp)."""
+        out = self.image_encoder(image)
+        tokens = self.image_proj(out.tokens) + self.token_type.weight[token_type]  # (B, Li, D)
+        return tokens, out.pooled
+
+    def embed_text(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ fusion-ready text tokens (B, Lt, D) and the tower's pooled feature (B, Dp)."""
+        out = self.text_encoder(input_ids, mask)
+        tokens = self.text_proj(out.tokens) + self.token_type.weight[0]  # (B, Lt, D)
+        return tokens, out.pooled
+
+    def fuse(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor):
+        """Both streams after the fusion layers: ``FusionOutput`` (text (B, Lt, D), image (B, Li, D))."""
+        return self.fusion(text_tokens, image_tokens, text_mask=text_mask.bool())
+
+    def match_features(
+        self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """What ITM and the task heads classify: pooled text and image streams, concatenated (N, 2D)."""
+        fused = self.fuse(text_tokens, text_mask, image_tokens)
+        return torch.cat([self.text_pooler(fused.text_tokens), self.image_pooler(fused.image_tokens)], dim=-1)
+
+    def mlm_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Masked text through the text tower and the fusion → text stream (B, Lt, D)."""
+        text_tokens, _ = self.embed_text(input_ids, mask)
+        return self.fuse(text_tokens, mask, image_tokens).text_tokens
+
+    def word_embeddings(self, momentum: bool = False) -> torch.Tensor:
+        """The text tower's input embeddings (V, Dt), for an MLM head tied to them."""
+        if momentum:
+            raise ConfigError("METER has no momentum model")
+        return self.text_encoder.model.get_input_embeddings().weight
+
+    def forward(self, batch: dict) -> METEROutput:
+        mask = batch["text_mask"].bool()
+        image_tokens, image_pooled = self.embed_image(batch["image"])
+        text_tokens, text_pooled = self.embed_text(batch["text_ids"], mask)
+        out = METEROutput(image_tokens=image_tokens, text_tokens=text_tokens, text_mask=mask)
+        if any("fused_cls" in o.requires for o in self.objectives_for(batch)):
+            out.fused_cls = self.match_features(text_tokens, mask, image_tokens)  # (B, 2D)
+        if self.image_itc_proj is not None:
+            out.image_embeds = F.normalize(self.image_itc_proj(image_pooled), dim=-1)
+            out.text_embeds = F.normalize(self.text_itc_proj(text_pooled), dim=-1)
+        return out
+
+    # -- evaluation: task heads on their modality, else ITM / MLM accuracy on pairs --------
+    def _task_head(self, modality: str):
+        return next((o for o in self.objectives if modality in o.modalities and hasattr(o, "evaluate")), None)
+
+    @torch.no_grad()
+    def _eval_step(self, stage: str, batch: dict, idx: int) -> None:
+        head = self._task_head(batch["modality"])
+        if head is not None:
+            key = f"{stage}_{idx}"
+            if key not in self._task_metrics:
+                self._task_metrics[key] = (head, head.new_metric().to(self.device))
+            head.evaluate(self._task_metrics[key][1], self(batch), batch)
+            return
+        if batch["modality"] not in ("pair", "retrieval"):
+            raise ConfigError(
+                f"METER has no task head for {batch['modality']!r} data (objectives: {[o.name for o in self.objectives]})"
+            )
+        image_tokens, _ = self.embed_image(batch["image"])
+        mask = batch["text_mask"].bool()
+        text_tokens, _ = self.embed_text(batch["text_ids"], mask)
+        # the image of each text: pair batches are aligned; retrieval batches map captions to images
+        ids = batch["image_id"].view(-1)  # (Ni,)
+        text_ids = batch.get("text_image_id", ids).view(-1)  # (Nt,)
+        owner = (text_ids[:, None] == ids[None, :]).int().argmax(1)  # (Nt,) image row of each text
+        stats = self._eval.setdefault(f"{stage}_{idx}", {})
+        itm = next((o for o in self.objectives if o.name == "itm"), None)
+        if itm is not None and len(ids) > 1:
+            # every caption with its own image, and with the next image of the batch
+            other = (owner + 1) % len(ids)
+            for label, images in ((True, owner), (False, other)):
+                hits = itm.is_match(self.match_features(text_tokens, mask, image_tokens[images])) == label
+                stats[f"itm_{label}_hits"] = stats.get(f"itm_{label}_hits", 0.0) + float(hits.sum())
+                stats[f"itm_{label}_n"] = stats.get(f"itm_{label}_n", 0.0) + hits.numel()
+        mlm = next((o for o in self.objectives if o.name == "mlm"), None)
+        if mlm is not None and "mlm_labels" in batch:
+            labels = batch["mlm_labels"]
+            target = labels != -100
+            hidden = self.mlm_hidden(batch["mlm_input_ids"], mask, image_tokens[owner])[target]  # (M, D)
+            emb = self.word_embeddings() if mlm.head.decoder is None else None
+            hits = mlm.head(hidden, emb).argmax(-1) == labels[target]
+            stats["mlm_hits"] = stats.get("mlm_hits", 0.0) + float(hits.sum())
+            stats["mlm_n"] = stats.get("mlm_n", 0.0) + hits.numel()
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        names = self._source_names(stage)
+        for key in sorted(k for k in self._task_metrics if k.startswith(stage + "_")):
+            (head, metric), idx = self._task_metrics.pop(key), int(key.rsplit("_", 1)[1])
+            prefix = stage if len(names) <= 1 else f"{stage}/{names[idx]}"
+            title = f"{names[idx] if names else stage}: {head.name} ({type(self).__name__})"
+            scores, table = head.summarize(metric, title=title)
+            self.log_dict({f"{prefix}/{head.name}_{k}": v for k, v in scores.items()}, rank_zero_only=True)
+            self.results[prefix] = {"scores": scores, "task": head.name}
+            if stage == "test":
+                self.report("\n" + table + "\n")
+        for key in sorted(k for k in self._eval if k.startswith(stage + "_")):
+            stats, idx = self._eval.pop(key), int(key.rsplit("_", 1)[1])
+            stats = self._all_reduce(stats)
+            scores = {}
+            if stats.get("itm_True_n"):
+                pos = stats["itm_True_hits"] / stats["itm_True_n"]
+                neg = stats["itm_False_hits"] / max(1.0, stats["itm_False_n"])
+                scores["itm_acc"] = 100 * (pos + neg) / 2
+            if stats.get("mlm_n"):
+                scores["mlm_acc"] = 100 * stats["mlm_hits"] / stats["mlm_n"]
+            prefix = stage if len(names) <= 1 else f"{stage}/{names[idx]}"
+            self.log_dict({f"{prefix}/{k}": v for k, v in scores.items()}, rank_zero_only=True)
+            self.results[prefix] = {"scores": scores, "chance": {"itm_acc": 50.0}}
+            if stage == "test":
+                rows = "\n".join(f"  {k:10}{v:8.2f}" for k, v in scores.items())
+                self.report(f"\n{prefix}: METER pretraining objectives (ITM balanced, chance 50)\n{rows}\n")
+
+    def _all_reduce(self, stats: dict[str, float]) -> dict[str, float]:
+        """Sum the counters over ranks."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return stats
+        keys = sorted(stats)
+        t = torch.tensor([stats[k] for k in keys], device=self.device, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return dict(zip(keys, t.tolist(), strict=True))
