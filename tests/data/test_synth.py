@@ -35,6 +35,8 @@ FILES = {  # modality -> the files of every sample
     "text": {"txt"},
     "vqa": {"jpg", "json"},
     "retrieval": {"jpg", "json"},
+    "nlvr2": {"left.jpg", "right.jpg", "json"},
+    "ve": {"jpg", "json"},
 }
 
 
@@ -92,6 +94,8 @@ def test_every_modality_and_split_with_the_counts_the_manifests_claim(shapes, sa
         "retrieval": {"val": 200, "test": 500},
         "image": {"train": SIZE // 4, "test": 480},
         "vqa": {"train": SIZE // 2, "val": 200, "test": 500},
+        "nlvr2": {"train": SIZE // 2, "val": 200, "test": 500},  # multiples of 10: balanced
+        "ve": {"train": 999, "val": 198, "test": 498},  # multiples of 3
     }
     for x in samples["pair"]["train"][:5]:
         assert Image.open(io.BytesIO(x["jpg"])).size == (64, 64)

@@ -10,7 +10,7 @@ from vlp.blocks import CoAttentionFusion, MergedAttentionFusion
 from vlp.encoders import HFTextEncoder, TimmVisionEncoder
 from vlp.errors import ConfigError
 from vlp.models import METER, OptimConfig
-from vlp.objectives import ITC, ITM, MLM, VE, VQA, MomentumITC
+from vlp.objectives import ITC, ITM, MLM, NLVR2, VE, VQA, MomentumITC
 
 V, Dv, Dt, D, B, L = 50, 24, 40, 32, 4, 7
 
@@ -185,3 +185,47 @@ def test_meter_fine_tunes_and_evaluates_vqa_and_ve():
     assert model.results["test"]["task"] == "ve" and set(model.results["test"]["scores"]) == {"acc"}
     with pytest.raises(ConfigError, match="no task head for 'nlvr2'"):
         model._eval_step("val", {**vqa, "modality": "nlvr2"}, 0)
+
+
+def test_nlvr2_fuses_the_sentence_with_each_image():
+    model = tiny_meter(objectives=[NLVR2(dim=2 * D)], num_token_types=3)
+    g = torch.Generator().manual_seed(0)
+    b = {
+        "modality": "nlvr2",
+        "image": torch.randn(B, 3, 32, 32, generator=g),
+        "image2": torch.randn(B, 3, 32, 32, generator=g),
+        "image_id": torch.arange(B),
+        "text_ids": torch.randint(5, V, (B, L), generator=g),
+        "text_mask": torch.ones(B, L, dtype=torch.long),
+        "label": torch.tensor([0, 1, 1, 0]),
+    }
+    model.train()
+    loss = model.training_step(b, 0)
+    loss.backward()
+    assert model.token_type.weight.grad[2].abs().sum() > 0  # the right image's own type
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    model.eval()
+    head = model.objectives[0]
+    with torch.no_grad():
+        out = model(b)
+        right, _ = model.embed_image(b["image2"], token_type=2)
+        want = torch.cat([out.fused_cls, model.match_features(out.text_tokens, out.text_mask, right)], -1)
+        torch.testing.assert_close(head.features(out, b, model), want)
+        # swapping the images changes the features (the pair is ordered)
+        swapped = {**b, "image": b["image2"], "image2": b["image"]}
+        assert not torch.allclose(head.features(model(swapped), swapped, model), want)
+    model._eval_step("test", b, 0)
+    model._eval_epoch_end("test")
+    assert model.results["test"]["task"] == "nlvr2" and 0 <= model.results["test"]["scores"]["acc"] <= 100
+
+
+def test_init_from_a_two_type_checkpoint_adds_the_third_type(tmp_path):
+    pre = tiny_meter()
+    torch.save({"state_dict": pre.state_dict()}, tmp_path / "pre.ckpt")
+    model = tiny_meter(objectives=[NLVR2(dim=2 * D)], num_token_types=3)
+    model.load_init_from(str(tmp_path / "pre.ckpt"))
+    w = model.token_type.weight.detach()
+    torch.testing.assert_close(w[:2], pre.token_type.weight.detach())
+    torch.testing.assert_close(w[2], w[1])
+    torch.testing.assert_close(model.fusion.text_layers[0].attn.qkv.weight, pre.fusion.text_layers[0].attn.qkv.weight)

@@ -4,13 +4,18 @@ Batch keys (see docs/data.md):
 
 | key | shape | modalities |
 |---|---|---|
-| ``image`` | (B, 3, H, W) | pair, image, vqa, retrieval |
-| ``image_id`` | (B,) int64 | pair, vqa, retrieval |
-| ``text_ids`` / ``text_mask`` | (T, L) | pair, text, vqa (question), retrieval (T = all captions), interleaved |
+| ``image`` | (B, 3, H, W) | pair, image, vqa, retrieval, nlvr2 (left image), ve |
+| ``image2`` | (B, 3, H, W) | nlvr2 (right image) |
+| ``image_id`` | (B,) int64 | pair, vqa, retrieval, nlvr2 (pair id), ve |
+| ``text_ids`` / ``text_mask`` | (T, L) | pair, text, vqa (question), retrieval (T = all captions), interleaved, nlvr2 (sentence), ve (hypothesis) |
 | ``text_image_id`` | (T,) | pair, retrieval: the image each text belongs to |
-| ``label`` | (B,) | image |
+| ``label`` | (B,) int64 | image (class), nlvr2 (0 false, 1 true), ve (0 entailment, 1 neutral, 2 contradiction) |
 | ``answers`` / ``question_type`` | lists | vqa |
+| ``task_type`` | list[str] | nlvr2: the sentence template ("" when unknown) |
 | ``images`` / ``num_images`` | (B, N, 3, H, W) / (B,) | interleaved (zero-padded) |
+
+Image tensors are uint8 when the DataModule normalises on the device
+(``WebDataModule.finish_batch`` normalises every key of ``IMAGE_KEYS``).
 
 Every batch also has ``modality``, ``keys`` and ``skipped`` (a list of
 :class:`~vlp.data.pipeline.Skipped` from the stream since the previous batch).
@@ -25,6 +30,9 @@ import torch
 from vlp.data.pipeline import Skipped
 from vlp.data.tokenization import Tokenizer
 from vlp.errors import DataError
+
+#: Batch keys holding one (B, 3, H, W) image per example.
+IMAGE_KEYS = ("image", "image2")
 
 
 class Collator:
@@ -51,12 +59,15 @@ class Collator:
         m = self.modality
         skipped = list(skipped or [])
         batch: dict = {"modality": m, "keys": [e["key"] for e in examples]}
-        if m in ("pair", "image", "vqa", "retrieval"):
-            batch["image"] = torch.stack([e["image"] for e in examples])  # (B, 3, H, W)
-        if m in ("pair", "vqa", "retrieval"):
+        for key in IMAGE_KEYS:
+            if key in examples[0]:
+                batch[key] = torch.stack([e[key] for e in examples])  # (B, 3, H, W)
+        if m in ("pair", "vqa", "retrieval", "nlvr2", "ve"):
             batch["image_id"] = torch.tensor([e["image_id"] for e in examples], dtype=torch.long)
-        if m in ("pair", "text", "vqa", "interleaved"):
+        if m in ("pair", "text", "vqa", "interleaved", "nlvr2", "ve"):
             self._tokenize(batch, [e["text"] for e in examples])
+        if m in ("image", "nlvr2", "ve"):
+            batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
         if m == "pair":
             batch["text_image_id"] = batch["image_id"]
         elif m == "retrieval":
@@ -66,8 +77,8 @@ class Collator:
                 [e["image_id"] for e in examples for _ in e["captions"]], dtype=torch.long
             )
             skipped += [e["dropped"] for e in examples if "dropped" in e]
-        elif m == "image":
-            batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+        elif m == "nlvr2":
+            batch["task_type"] = [e["template"] for e in examples]
         elif m == "vqa":
             batch["answers"] = [e["answers"] for e in examples]
             batch["question_type"] = [e["question_type"] for e in examples]

@@ -114,6 +114,8 @@ def _guess_modality(exts: Counter) -> str:
     images = {e for e in exts if e in DEFAULT_FIELDS["image"].split(";")}
     if any(e[0].isdigit() for e in exts):
         return "interleaved"
+    if any(e.startswith(("left.", "right.")) for e in exts):
+        return "nlvr2"
     if images and "cls" in exts:
         return "image"
     if images and "txt" in exts:

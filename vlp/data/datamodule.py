@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from vlp.data.collate import Collator
+from vlp.data.collate import IMAGE_KEYS, Collator
 from vlp.data.manifest import check_local_shards, expand_urls, load_manifest
 from vlp.data.masking import Masker
 from vlp.data.pipeline import SampleDecoder
@@ -240,15 +240,16 @@ class WebDataModule(pl.LightningDataModule):
 
     # -- on the device ------------------------------------------------------------------------
     def finish_batch(self, batch):
-        """Normalise uint8 images (``image``, interleaved ``images``) where the batch now is;
-        padded image slots of interleaved documents stay zero."""
+        """Normalise uint8 images (``image``, NLVR2's ``image2``, interleaved ``images``) where
+        the batch now is; padded image slots of interleaved documents stay zero."""
         if not isinstance(batch, dict):
             return batch
         if getattr(self, "_normalizer", None) is None:
             self._normalizer = self.image_transform(train=False)  # same normalisation for both
         transform = self._normalizer
-        if "image" in batch:
-            batch["image"] = transform.normalize_batch(batch["image"])
+        for key in IMAGE_KEYS:
+            if key in batch:
+                batch[key] = transform.normalize_batch(batch[key])
         if "images" in batch and not batch["images"].is_floating_point():
             images = transform.normalize_batch(batch["images"])  # (B, N, 3, H, W)
             slots = torch.arange(images.shape[1], device=images.device)  # (N,)

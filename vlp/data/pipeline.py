@@ -1,8 +1,8 @@
 """From tar shards to collated batches, one modality at a time.
 
 ``read_shards`` streams raw samples; ``SampleDecoder`` turns each into an example dict
-or a :class:`Skipped` marker (undecodable image, empty caption, missing field, broken
-shard); ``batches`` groups examples and hands the skip markers along with the batch, so
+or a :class:`Skipped` marker (undecodable image, empty caption, missing field, a label
+out of range, broken shard); ``batches`` groups examples and hands the skip markers along with the batch, so
 skips made inside DataLoader workers are counted by the main process
 (see ``WebDataModule.on_before_batch_transfer``). Nothing is dropped silently.
 """
@@ -21,6 +21,9 @@ from webdataset import tariterators
 from vlp.data.transforms import ImageDecodeError, decode_image
 
 IMAGE_MARK = "<image>"
+#: Label names by index: NLVR2 (false/true) and SNLI-VE (the order SNLI lists them in;
+#: LAVIS uses the reverse). ``json.label`` may be the index or the name.
+LABELS = {"nlvr2": ("false", "true"), "ve": ("entailment", "neutral", "contradiction")}
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class SampleDecoder:
     """Raw sample → example dict for one modality (see docs/data.md for the keys).
 
     Args:
-        modality: pair | image | text | vqa | retrieval | interleaved.
+        modality: pair | image | text | vqa | retrieval | interleaved | nlvr2 | ve.
         fields: role → ";"-separated tar extensions (manifest ``fields``).
         transform: PIL image → tensor.
     """
@@ -81,6 +84,8 @@ class SampleDecoder:
             "vqa": self._vqa,
             "retrieval": self._retrieval,
             "interleaved": self._interleaved,
+            "nlvr2": self._nlvr2,
+            "ve": self._ve,
         }[modality]
 
     def __call__(self, sample: dict | Skipped) -> dict | Skipped:
@@ -122,6 +127,32 @@ class SampleDecoder:
 
     def _image_id(self, sample: dict, meta: dict) -> int:
         return stable_id(meta.get("image_id", f"{sample.get('__url__')}:{sample.get('__key__')}"))
+
+    def _sentence(self, meta: dict, field: str) -> str:
+        text = _clean(str(meta.get(field) or ""))
+        if not text:
+            raise _Skip(f"empty {field}")
+        return text
+
+    def _label(self, meta: dict) -> int:
+        """``json.label`` as an index into ``LABELS[modality]``: an int, a digit string, a
+        label name (any case) or, for NLVR2, a boolean."""
+        names = LABELS[self.modality]
+        if "label" not in meta:
+            raise _Skip(f"no label in {self.json_ext}")
+        value = meta["label"]
+        if isinstance(value, bool) and len(names) == 2:
+            return int(value)
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in names:
+                return names.index(text)
+            value = int(text) if text.lstrip("-").isdigit() else value
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+            return value
+        raise _Skip(
+            f"label out of range (got {value!r}; {self.modality} labels are 0..{len(names) - 1} or {'/'.join(names)})"
+        )
 
     # -- modalities -----------------------------------------------------------------------
     def _pair(self, sample: dict, key: str) -> dict:
@@ -175,6 +206,34 @@ class SampleDecoder:
             raise _Skip(f"interleaved text has no {IMAGE_MARK} mark")
         images = [self._image(sample, [f"{i}.{ext}" for ext in self.image_exts]) for i in range(n)]
         return {"text": text, "images": images, "key": key}
+
+    def _nlvr2(self, sample: dict, key: str) -> dict:
+        meta = self._json(sample, required=True)
+        sides = {side: [f"{side}.{ext}" for ext in self.image_exts] for side in ("left", "right")}
+        for side, exts in sides.items():  # before decoding anything
+            if not any(ext in sample for ext in exts):
+                raise _Skip(f"no {side} image (looked for {'/'.join(exts)})")
+        sentence, label = self._sentence(meta, "sentence"), self._label(meta)
+        return {
+            "image": self._image(sample, sides["left"]),
+            "image2": self._image(sample, sides["right"]),
+            "text": sentence,
+            "label": label,
+            "template": str(meta.get("template", "")),
+            "image_id": stable_id(meta.get("image_id", meta.get("id", key))),
+            "key": key,
+        }
+
+    def _ve(self, sample: dict, key: str) -> dict:
+        meta = self._json(sample, required=True)
+        hypothesis, label = self._sentence(meta, "hypothesis"), self._label(meta)
+        return {
+            "image": self._image(sample),
+            "text": hypothesis,
+            "label": label,
+            "image_id": self._image_id(sample, meta),
+            "key": key,
+        }
 
 
 class _Skip(Exception):

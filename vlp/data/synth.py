@@ -9,9 +9,23 @@ Under ``out/``, for ``size = N`` (default 20,000; samples per split):
 pair/train N (1/2/3-shape scenes, 20/50/30%) · retrieval/val 4*(max(200, N//40)//4) and
 /test 4*(max(500, N//20)//4) · image/train N//4 and /test 24*(max(480, N//20)//24)
 (one shape, class "colour kind", balanced test) · text/train N · vqa/train N//2, /val
-max(200, N//40), /test max(500, N//20) · interleaved/train N//10 documents of 2-3 images;
-plus ``info.json`` (counts, chance levels, vocabulary, templates), ``classes.json`` (class
+max(200, N//40), /test max(500, N//20) · interleaved/train N//10 documents of 2-3 images ·
+nlvr2 and ve (downstream tasks of METER-style fine-tuning), each /train N//2, /val
+max(200, N//40), /test max(500, N//20), rounded down to a multiple of 10 (nlvr2: 5
+templates x 2 labels; train at least 10) or 3 (ve: 3 labels) so that labels are
+exactly balanced; plus
+``info.json`` (counts, chance levels, vocabulary, templates), ``classes.json`` (class
 names, zero-shot prompts) and ``manifests/shapes_<modality>.yaml``.
+
+nlvr2 (NLVR2-style): two scenes (``left.jpg``, ``right.jpg``) and a sentence about the pair
+from one of :data:`NLVR2_TEMPLATES` ("the left image has more circles than the right
+image"), label 1 true / 0 false, half of each template true. ve (SNLI-VE-style): one scene
+and a hypothesis, label 0 entailment (a true statement), 1 neutral (a property the images
+never show: material, temperature, author, drawing order) or 2 contradiction (a colour
+changed, a relation reversed, a count off by one), a third each. Sentences are drawn so
+that, apart from ve's neutral ones, the sentence alone says nothing about the label
+(``sentence_only`` in ``info.json`` measures it). Their scenes, like every training
+scene, avoid the relations of the held-out retrieval groups.
 
 Retrieval val/test are groups of four 2-shape scenes on one layout: a base "A rel B", its
 colour swap, its position swap and both. Captions of one template have the same bag of
@@ -370,6 +384,167 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+# -- NLVR2-style statements about two images ------------------------------------------------
+NUMBERS = ("no", "one", "two", "three", "four", "five", "six")
+NLVR2_TEMPLATES = {  # name -> sentence pattern; each needs both images to decide
+    "more": "the {side} image has more {noun}s than the {other} image",
+    "both": "both images contain a {color} {kind}",
+    "relation": "the {side} image contains a {color} shape {rel} a {color2} shape",
+    "exactly_one": "exactly one image contains a [{size}] {kind}",
+    "total": "the two images contain {number} {noun}s in total",
+}
+SIDES = ("left", "right")
+_THINGS = (*KINDS, *(f"{size} {kind}" for size in SIZES for kind in KINDS))  # for "exactly_one"
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def _count(scene: Scene, noun: str) -> int:
+    """Shapes of kind ``noun`` ("shape": all of them)."""
+    return sum(noun in ("shape", s.kind) for s in scene.shapes)
+
+
+def _number(n: int, noun: str) -> str:
+    return f"{NUMBERS[n]} {noun}{'' if n == 1 else 's'}"
+
+
+def _loosely(a: Shape, b: Shape, rel: str) -> bool:
+    """``a`` is on the ``rel`` side of ``b`` by centres: what a reader might still call "rel"."""
+    if rel in ("right of", "below"):
+        a, b, rel = b, a, INVERSE[rel]
+    return a.x < b.x if rel == "left of" else a.y < b.y
+
+
+def colour_relation(scene: Scene, c1: str, rel: str, c2: str) -> bool | None:
+    """Whether ``scene`` has a ``c1`` shape ``rel`` a ``c2`` shape: True (unambiguously, see
+    :func:`relation_holds`), False (no such pair even by centres), None (in between)."""
+    pairs = [(a, b) for a in scene.shapes for b in scene.shapes if a is not b and (a.color, b.color) == (c1, c2)]
+    if any(relation_holds(a, b, rel) for a, b in pairs):
+        return True
+    return None if any(_loosely(a, b, rel) for a, b in pairs) else False
+
+
+def nlvr2_statements(left: Scene, right: Scene, template: str) -> list[tuple[str, bool]]:
+    """Every sentence of ``template`` that is clearly true or clearly false of the pair
+    (sentences about things in neither image, or counts of zero, are left out)."""
+    scenes, out = {"left": left, "right": right}, []
+    if template == "more":
+        for side, other in (SIDES, SIDES[::-1]):
+            for noun in ("shape", *KINDS):
+                n, m = _count(scenes[side], noun), _count(scenes[other], noun)
+                if n + m:
+                    out.append((f"the {side} image has more {noun}s than the {other} image", n > m))
+    elif template == "both":
+        sets = [{(s.color, s.kind) for s in sc.shapes} for sc in (left, right)]
+        for color, kind in sorted(sets[0] | sets[1]):
+            out.append((f"both images contain {_a(color)} {kind}", (color, kind) in sets[0] & sets[1]))
+    elif template == "relation":
+        named = {
+            (a.color, rel, b.color)
+            for sc in (left, right)
+            for a in sc.shapes
+            for b in sc.shapes
+            for rel in RELATIONS
+            if a.color != b.color and relation_holds(a, b, rel)
+        }
+        for side in SIDES:
+            for c1, rel, c2 in sorted(named):
+                truth = colour_relation(scenes[side], c1, rel, c2)
+                if truth is not None:
+                    out.append((f"the {side} image contains {_a(c1)} shape {rel} {_a(c2)} shape", truth))
+    elif template == "exactly_one":
+        for thing in _THINGS:
+            present = [any(thing in (s.kind, f"{s.size} {s.kind}") for s in sc.shapes) for sc in (left, right)]
+            if any(present):  # false means: in both
+                out.append((f"exactly one image contains {_a(thing)}", present[0] != present[1]))
+    elif template == "total":
+        for noun in ("shape", *KINDS):
+            n = _count(left, noun) + _count(right, noun)
+            for m in (n - 1, n, n + 1):
+                if n and 1 <= m < len(NUMBERS):  # false means: off by one
+                    out.append((f"the two images contain {_number(m, noun)} in total", m == n))
+    else:
+        raise ValueError(f"unknown nlvr2 template {template!r}")
+    return out
+
+
+def make_nlvr2(
+    rng: random.Random, template: str, label: bool, exclude: frozenset[str] = frozenset()
+) -> tuple[Scene, Scene, str]:
+    """(left, right, sentence): two scenes of 1-3 shapes and a ``template`` sentence whose
+    truth value is ``label``. Where the drawn scenes would make some sentences likelier true
+    than false ("exactly one", totals), the sentence is drawn first and the scenes until its
+    truth is ``label``, so that the sentence alone says nothing about the label."""
+    target = None
+    if template == "exactly_one":
+        target = f"exactly one image contains {_a(rng.choice(_THINGS))}"
+    elif template == "total":
+        noun = rng.choice(("shape", *KINDS))
+        target = f"the two images contain {_number(rng.choice((2, 3, 4, 5, 6) if noun == 'shape' else (1, 2, 3)), noun)} in total"
+    while True:
+        left, right = (random_scene(rng, rng.randint(1, 3), exclude) for _ in SIDES)
+        options = [s for s, truth in nlvr2_statements(left, right, template) if truth == label and target in (None, s)]
+        if options:
+            return left, right, rng.choice(options)
+
+
+# -- SNLI-VE-style hypotheses about one image -------------------------------------------------
+VE_LABELS = ("entailment", "neutral", "contradiction")  # label index order (SNLI / SNLI-VE)
+VE_TYPES = {  # hypothesis type -> pattern; the first three are entailed or contradicted
+    "exist": "there is a {color} {kind}",
+    "count": "there are {number} {noun}s",
+    "relation": "the {color} {kind} is {rel} the {color2} {kind2}",
+    # neutral: properties the images never show
+    "material": "the {color} {kind} is made of {material}",
+    "temperature": "the {color} {kind} is {warm|cold} to the touch",
+    "author": "the {color} {kind} was drawn by {author}",
+    "order": "the {color} {kind} was drawn {first|last}",
+}
+MATERIALS = ("wood", "metal", "glass", "paper", "plastic", "stone")
+AUTHORS = ("a child", "a robot", "an artist")
+
+
+def make_ve(rng: random.Random, label: int, exclude: frozenset[str] = frozenset()) -> tuple[Scene, str, str]:
+    """(scene, hypothesis, type) with SNLI-VE label ``label`` (index into VE_LABELS):
+    entailment a true statement, contradiction a drawn shape's colour changed, a relation
+    reversed or a count off by one, neutral a property the images never show."""
+    if label == 1:
+        scene = random_scene(rng, rng.randint(1, 3), exclude)
+        s = rng.choice(scene.shapes)
+        name = f"{s.color} {s.kind}"
+        htype = rng.choice(("material", "temperature", "author", "order")[: 4 if len(scene.shapes) > 1 else 3])
+        if htype == "material":
+            return scene, f"the {name} is made of {rng.choice(MATERIALS)}", htype
+        if htype == "temperature":
+            return scene, f"the {name} is {rng.choice(('warm', 'cold'))} to the touch", htype
+        if htype == "author":
+            return scene, f"the {name} was drawn by {rng.choice(AUTHORS)}", htype
+        return scene, f"the {name} was drawn {rng.choice(('first', 'last'))}", htype
+    true, htype = label == 0, rng.choice(("exist", "count", "relation"))
+    if htype == "count":  # the number first: a count alone must not give the label away
+        noun = rng.choice(("shape", *KINDS))
+        m = rng.choice((1, 2, 3) if noun == "shape" else (0, 1, 2))
+        while True:
+            scene = random_scene(rng, rng.randint(1, 3), exclude)
+            if abs(_count(scene, noun) - m) == (0 if true else 1):
+                return scene, f"there {'is' if m == 1 else 'are'} {_number(m, noun)}", htype
+    while True:
+        scene = random_scene(rng, rng.randint(1, 3), exclude)
+        shapes = scene.shapes
+        if htype == "exist":  # contradiction: a drawn shape in a colour no shape of its kind has
+            s = rng.choice(shapes)
+            color = s.color
+            if not true:
+                color = rng.choice([c for c in COLORS if all((c, s.kind) != (t.color, t.kind) for t in shapes)])
+            return scene, f"there is {_a(color)} {s.kind}", htype
+        triples = [(a, rel, b) for a in shapes for b in shapes for rel in RELATIONS if relation_holds(a, b, rel)]
+        if triples:  # contradiction: the relation reversed
+            a, rel, b = rng.choice(triples)
+            return scene, f"the {a.color} {a.kind} is {rel if true else INVERSE[rel]} the {b.color} {b.kind}", htype
+
+
 # -- chance levels ----------------------------------------------------------------------------
 def retrieval_chance(num_images: int, captions_per_image: int, ks: tuple = (1, 5, 10)) -> dict:
     """Expected R@K of a random ranking: t2i K/N; i2t 1 - C(M-c, K) / C(M, K)."""
@@ -395,6 +570,54 @@ def vqa_majority(train: list[tuple[str, str]], test: list[tuple[str, str]]) -> d
     return out
 
 
+def sentence_only(train: list[tuple[str, str, int]], test: list[tuple[str, str, int]]) -> dict:
+    """Accuracy on ``test`` (template, sentence, label) rows of a model that never looks at the
+    images: each sentence gets its most common train label (unseen ones the template's)."""
+    by_text: dict[str, Counter] = {}
+    by_template: dict[str, Counter] = {}
+    for t, text, label in train:
+        by_text.setdefault(text, Counter())[label] += 1
+        by_template.setdefault(t, Counter())[label] += 1
+    hits: dict[str, list[bool]] = {}
+    for t, text, label in test:
+        guess = (by_text.get(text) or by_template.get(t) or Counter({None: 1})).most_common(1)[0][0]
+        hits.setdefault(t, []).append(guess == label)
+    out = {t: sum(h) / len(h) for t, h in sorted(hits.items())}
+    out["overall"] = sum(sum(h) for h in hits.values()) / max(1, len(test))
+    return out
+
+
+def pair_task_chance(rows: dict[str, list[tuple[str, str, int]]], num_labels: int, by_template: bool = True) -> dict:
+    """Baselines of a classification task from its (template, sentence, label) rows per split:
+    the majority label from train (per template, or overall), the label balance (binary:
+    the fraction of 1s per template; else the fraction of each label), and the accuracy of
+    a model that reads the sentence only (:func:`sentence_only`)."""
+
+    def keyed(split: str) -> list[tuple[str, int]]:
+        return [(t if by_template else "all", y) for t, _, y in rows[split]]
+
+    def balance(split: str) -> dict | list:
+        groups: dict[str, list[int]] = {}
+        for t, y in sorted(keyed(split)):
+            groups.setdefault(t, []).append(y)
+        if not by_template:
+            return [sum(y == k for y in groups["all"]) / len(groups["all"]) for k in range(num_labels)]
+        groups["overall"] = [y for _, _, y in rows[split]]
+        return {t: sum(ys) / len(ys) for t, ys in groups.items()}  # binary: the fraction of 1s
+
+    evals = [k for k in ("val", "test") if k in rows]
+    majority = {k: vqa_majority(keyed("train"), keyed(k)) for k in evals}
+    if not by_template:
+        majority = {
+            k: {"majority_label": v["majority_answer"]["all"], "accuracy": v["overall"]} for k, v in majority.items()
+        }
+    return {
+        "majority_baseline": majority,
+        "label_balance": {k: balance(k) for k in rows},
+        "sentence_only": {k: sentence_only(rows["train"], rows[k]) for k in evals},
+    }
+
+
 # -- writing ----------------------------------------------------------------------------------
 def write_shapes(
     out: str | Path,
@@ -412,7 +635,7 @@ def write_shapes(
         )
     if not 1 <= captions_per_image <= len(TEMPLATES[2]):
         raise ConfigError(f"captions_per_image must be in 1..{len(TEMPLATES[2])}, got {captions_per_image}")
-    root, ids, qa = Path(out), itertools.count(), {}
+    root, ids, qa, statements, hypotheses = Path(out), itertools.count(), {}, {}, {}
     bases = hard_negative_bases()  # held-out groups: never in a training split
     random.Random(f"shapes-{seed}-held-out").shuffle(bases)
     val_g, test_g = max(200, size // 40) // GROUP_SIZE, max(500, size // 20) // GROUP_SIZE
@@ -498,6 +721,45 @@ def write_shapes(
             },
         }
 
+    nlvr2_templates = tuple(NLVR2_TEMPLATES)
+
+    def nlvr2(rng: random.Random, i: int, split: str) -> dict:  # template and label cycle: balanced
+        template, label = nlvr2_templates[i % len(nlvr2_templates)], (i // len(nlvr2_templates)) % 2
+        left, right, sentence = make_nlvr2(rng, template, bool(label), held_out)
+        statements.setdefault(split, []).append((template, sentence, label))
+        return {
+            "left.jpg": image(left),
+            "right.jpg": image(right),
+            "json": {
+                "id": next(ids),
+                "sentence": sentence,
+                "label": label,
+                "template": template,
+                "scenes": [left.to_dict(), right.to_dict()],
+            },
+        }
+
+    def ve(rng: random.Random, i: int, split: str) -> dict:  # the label cycles: balanced
+        label = i % len(VE_LABELS)
+        scene, hypothesis, htype = make_ve(rng, label, held_out)
+        hypotheses.setdefault(split, []).append((htype, hypothesis, label))
+        n = next(ids)  # one image per sample: the sample's id is its image's id
+        return {
+            "jpg": image(scene),
+            "json": {
+                "id": n,
+                "image_id": n,
+                "hypothesis": hypothesis,
+                "label": label,
+                "type": htype,
+                "scene": scene.to_dict(),
+            },
+        }
+
+    def multiple(n: int, k: int) -> int:
+        return k * (n // k)
+
+    pair_step, ve_step = 2 * len(nlvr2_templates), len(VE_LABELS)
     plan = [  # (modality, split, samples, sample maker)
         ("pair", "train", size, pair),
         ("retrieval", "val", val_g * GROUP_SIZE, retrieval),
@@ -509,6 +771,12 @@ def write_shapes(
         ("vqa", "val", max(200, size // 40), vqa),
         ("vqa", "test", max(500, size // 20), vqa),
         ("interleaved", "train", size // 10, interleaved),
+        ("nlvr2", "train", max(pair_step, multiple(size // 2, pair_step)), nlvr2),
+        ("nlvr2", "val", multiple(max(200, size // 40), pair_step), nlvr2),
+        ("nlvr2", "test", multiple(max(500, size // 20), pair_step), nlvr2),
+        ("ve", "train", multiple(size // 2, ve_step), ve),
+        ("ve", "val", multiple(max(200, size // 40), ve_step), ve),
+        ("ve", "test", multiple(max(500, size // 20), ve_step), ve),
     ]
     splits: dict[str, dict[str, dict]] = {}
     for modality, split, n, make in plan:
@@ -532,6 +800,8 @@ def write_shapes(
             },
             "image": {"top1": 1 / len(CLASSES), "top5": 5 / len(CLASSES)},
             "vqa": {k: vqa_majority(qa["train"], qa[k]) for k in ("val", "test")},
+            "nlvr2": pair_task_chance(statements, 2),  # labels: 0 false, 1 true
+            "ve": pair_task_chance(hypotheses, len(VE_LABELS), by_template=False),
         },
         "hard_negatives": {
             "group_size": GROUP_SIZE,
@@ -548,6 +818,9 @@ def write_shapes(
         "vocabulary": vocabulary(),
         "vqa_answers": vqa_answers(),
         "question_types": list(QUESTION_TYPES),
+        "nlvr2_templates": dict(NLVR2_TEMPLATES),
+        "ve_labels": list(VE_LABELS),
+        "ve_types": dict(VE_TYPES),
     }
     (root / "info.json").write_text(json.dumps(info, indent=1) + "\n")
     classes = {"classnames": list(CLASSES), "templates": list(CLASS_TEMPLATES)}
@@ -565,6 +838,8 @@ def shapes_manifests(root: str, info: dict) -> dict[str, Manifest]:
         "retrieval": {"chance": chance["retrieval"], "hard_negatives": info["hard_negatives"]},
         "image": {"classes": f"{root}/classes.json", "num_classes": len(info["classes"]), "chance": chance["image"]},
         "vqa": {"majority_baseline": chance["vqa"], "question_types": info["question_types"]},
+        "nlvr2": {"labels": ["false", "true"], "templates": info["nlvr2_templates"], **chance["nlvr2"]},
+        "ve": {"labels": info["ve_labels"], "types": info["ve_types"], **chance["ve"]},
     }
     what = {
         "pair": "one caption per image, 1-3 shapes",
@@ -575,6 +850,9 @@ def shapes_manifests(root: str, info: dict) -> dict[str, Manifest]:
         "text": "captions only",
         "vqa": "color / count / exist / spatial questions, 10 (identical) answers each",
         "interleaved": "documents of 2-3 images, each followed by its caption",
+        "nlvr2": "two images and a sentence about the pair, true (1) or false (0); "
+        f"{len(info['nlvr2_templates'])} templates, labels balanced per template",
+        "ve": "one image and a hypothesis: 0 entailment, 1 neutral, 2 contradiction (SNLI-VE order), balanced",
     }
     manifests = {}
     for modality, splits in info["splits"].items():

@@ -173,7 +173,7 @@ class METER(VLPModule):
             key = f"{stage}_{idx}"
             if key not in self._task_metrics:
                 self._task_metrics[key] = (head, head.new_metric().to(self.device))
-            head.evaluate(self._task_metrics[key][1], self(batch), batch)
+            head.evaluate(self._task_metrics[key][1], self(batch), batch, self)
             return
         if batch["modality"] not in ("pair", "retrieval"):
             raise ConfigError(

@@ -4,13 +4,14 @@ from vlp.objectives.albef import ITM, MLM, MomentumITC
 from vlp.objectives.base import Objective
 from vlp.objectives.distributed import gather_no_grad, gather_with_grad, world_info
 from vlp.objectives.itc import ITC
-from vlp.objectives.tasks import VE, VQA
+from vlp.objectives.tasks import NLVR2, VE, VQA
 
 __all__ = [
     "ITC",
     "ITM",
     "MLM",
     "MomentumITC",
+    "NLVR2",
     "Objective",
     "VE",
     "VQA",

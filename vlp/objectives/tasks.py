@@ -9,9 +9,12 @@ ALBEF's fused CLS), so the same head fine-tunes every fusion family.
   (binary cross-entropy, as ViLT and METER), evaluated with the official VQA accuracy by
   question type.
 * :class:`VE`: SNLI-VE, three-way classification (entailment, neutral, contradiction).
+* :class:`NLVR2`: two images and one sentence, true or false. As in METER's "pair"
+  setting, the sentence is fused with each image (the second one with its own
+  token-type embedding) and the two match features are concatenated.
 
 Evaluation protocol (used by the models' ``_eval_step``): ``metric = head.new_metric()``,
-``head.evaluate(metric, output, batch)`` per batch, ``head.summarize(metric)`` →
+``head.evaluate(metric, output, batch, model)`` per batch, ``head.summarize(metric)`` →
 ``(scores, table)``.
 """
 
@@ -142,7 +145,7 @@ class VQA(Objective):
         return VQAAccuracy(self.question_types)
 
     @torch.no_grad()
-    def evaluate(self, metric: VQAAccuracy, output, batch: dict) -> None:
+    def evaluate(self, metric: VQAAccuracy, output, batch: dict, model=None) -> None:
         metric.update(self.predict(output.fused_cls), batch["answers"], batch.get("question_type"))
 
     def summarize(self, metric: VQAAccuracy, title: str = "") -> tuple[dict[str, float], str]:
@@ -182,7 +185,7 @@ class VE(Objective):
         return ClassificationAccuracy(self.num_classes)
 
     @torch.no_grad()
-    def evaluate(self, metric: ClassificationAccuracy, output, batch: dict) -> None:
+    def evaluate(self, metric: ClassificationAccuracy, output, batch: dict, model=None) -> None:
         metric.update(self.head(output.fused_cls).argmax(-1), batch["label"].view(-1))
 
     def summarize(self, metric: ClassificationAccuracy, title: str = "") -> tuple[dict[str, float], str]:
@@ -190,3 +193,55 @@ class VE(Objective):
         return {"acc": acc}, (
             f"{title}\n" if title else ""
         ) + f"accuracy {acc:.2f}% (chance {100 / self.num_classes:.2f})"
+
+
+class NLVR2(Objective):
+    """NLVR2: is the sentence true of the (left, right) image pair? Binary cross-entropy over
+    two classes (0 false, 1 true) on ``concat(match(text, left), match(text, right))``.
+
+    The right image is embedded with ``model.embed_image(image2, token_type=second_image_type)``
+    (METER: a third token type, initialised from the image type when fine-tuning from a
+    two-type checkpoint).
+
+    Args:
+        dim: width of one pair's match features (the head sees 2 x dim).
+        second_image_type: token type of the right image.
+    """
+
+    name = "nlvr2"
+    modalities = ("nlvr2",)
+    requires = ("fused_cls", "text_tokens", "text_mask")
+    requires_batch = ("image2", "label")
+
+    def __init__(self, weight: float = 1.0, *, dim: int = 1536, second_image_type: int = 2) -> None:
+        super().__init__(weight)
+        self.second_image_type = second_image_type
+        self.head = classifier(2 * dim, 2)
+
+    def features(self, output, batch: dict, model) -> torch.Tensor:
+        """(B, 2 dim): the sentence fused with the left image, then with the right one."""
+        if not hasattr(model, "embed_image"):
+            raise ConfigError(
+                f"NLVR2 needs a model with embed_image(image, token_type); {type(model).__name__} has none"
+            )
+        right, _ = model.embed_image(batch["image2"], token_type=self.second_image_type)  # (B, Li, D)
+        return torch.cat([output.fused_cls, model.match_features(output.text_tokens, output.text_mask, right)], -1)
+
+    def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        logits = self.head(self.features(output, batch, model))  # (B, 2)
+        label = batch["label"].view(-1)
+        loss = F.cross_entropy(logits, label)
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == label).float().mean()
+        return {"nlvr2_loss": loss, "nlvr2_acc": acc}
+
+    def new_metric(self) -> ClassificationAccuracy:
+        return ClassificationAccuracy(2)
+
+    @torch.no_grad()
+    def evaluate(self, metric: ClassificationAccuracy, output, batch: dict, model=None) -> None:
+        metric.update(self.head(self.features(output, batch, model)).argmax(-1), batch["label"].view(-1))
+
+    def summarize(self, metric: ClassificationAccuracy, title: str = "") -> tuple[dict[str, float], str]:
+        acc = float(metric.compute())
+        return {"acc": acc}, (f"{title}\n" if title else "") + f"accuracy {acc:.2f}% (chance 50.00)"

@@ -90,7 +90,8 @@ def resize_pos_embed(model: torch.nn.Module, key: str, t: torch.Tensor, want: to
 def fit_state_to_model(state: dict[str, torch.Tensor], model: torch.nn.Module, where: str) -> tuple[dict, list[str]]:
     """Adapt ``state`` to ``model`` where the difference is expected when fine-tuning: position
     embeddings of another resolution are interpolated, feature queues of another size are
-    dropped (the model keeps its own). Any other shape mismatch raises a
+    dropped (the model keeps its own), a token-type table with more types than the
+    checkpoint gets its new rows from the checkpoint's last type. Any other shape mismatch raises a
     :class:`CheckpointError` listing the keys. → the adapted state and notes for the log."""
     own = model.state_dict()
     out, notes, mismatched, queues = {}, [], [], set()
@@ -101,6 +102,17 @@ def fit_state_to_model(state: dict[str, torch.Tensor], model: torch.nn.Module, w
         elif is_pos_embed(key, t, want):
             out[key], note = resize_pos_embed(model, key, t, want)
             notes.append(note)
+        elif (
+            key.endswith("token_type.weight")
+            and t.ndim == 2
+            and t.shape[1] == want.shape[1]
+            and t.shape[0] < want.shape[0]
+        ):
+            # more modality types than the checkpoint (METER for NLVR2: a second image type):
+            # the new rows start as copies of the checkpoint's last (image) type
+            extra = t[-1:].expand(want.shape[0] - t.shape[0], -1)
+            out[key] = torch.cat([t, extra])
+            notes.append(f"{key}: {t.shape[0]} -> {want.shape[0]} token types (new rows copy the last)")
         elif key.rsplit(".", 1)[-1] in QUEUE_BUFFERS:
             notes.append(f"{key}: queue of another size ({tuple(t.shape)} vs {tuple(want.shape)}), not loaded")
             queues.add(key.rsplit(".", 1)[0])
