@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 SHAPES ?= data/shapes
 
-.PHONY: install test demo demo-albef bench lint data clean
+.PHONY: install test demo demo-albef demo-meter bench lint data clean
 
 install: $(STAMP)
 
@@ -37,6 +37,18 @@ demo-albef: data
 	$(VLP) fit --config recipes/tiny/clip_minilm.yaml
 	$(VLP) test --ckpt runs/tiny_clip_minilm/checkpoints/last.ckpt
 	$(VLP) compare runs/tiny_clip_minilm runs/tiny_albef
+
+# METER: pretrain (MLM + ITM), fine-tune on the VQA split, co-attention beside merged
+# attention of equal size; VQA accuracy by question type against the majority answer
+# (~45 min on 2 CPU cores)
+demo-meter: data
+	$(VLP) fit --config recipes/tiny/meter.yaml
+	$(VLP) fit --config recipes/finetune/tiny_meter_vqa.yaml
+	$(VLP) test --ckpt runs/tiny_meter_vqa/checkpoints/last.ckpt
+	$(VLP) fit --config recipes/tiny/meter.yaml --config recipes/ablations/meter_tiny_merged.yaml
+	$(VLP) fit --config recipes/finetune/tiny_meter_vqa.yaml --config recipes/ablations/meter_tiny_merged_vqa.yaml
+	$(VLP) test --ckpt runs/tiny_meter_merged_vqa/checkpoints/last.ckpt
+	$(VLP) compare runs/tiny_meter_vqa runs/tiny_meter_merged_vqa --names co-attention,merged
 
 bench: install
 	$(PY) bench/run.py

@@ -29,6 +29,7 @@ ROWS = [
     ("itm_acc", "ITM accuracy (balanced)"),
 ]
 CHANCE = {"itm_acc": 50.0}  # balanced: half matching pairs, half hardest negatives
+OTHER_LABELS = {"overall": "accuracy, overall", "acc": "accuracy"}
 
 
 def find_results(path: str | Path) -> Path:
@@ -68,23 +69,42 @@ def compare_table(records: dict[str, dict], source: str = "test") -> str:
         results = record["results"]
         if source not in results:
             raise ConfigError(f"{name}: no results for {source!r} (has {sorted(results)})")
-        picked[name] = {**results[source], "model": record.get("model", "?"), "n": record.get("num_parameters")}
+        picked[name] = {
+            "scores": {},
+            **results[source],
+            "model": record.get("model", "?"),
+            "n": record.get("num_parameters"),
+        }
     names = list(picked)
+    tasks = {picked[n].get("task") for n in names} - {None}
+    # retrieval rows in their fixed order, then any other metric (task heads: VQA by type, accuracy)
+    known = {key for key, _ in ROWS}
+    others = dict.fromkeys(k for n in names for k in picked[n]["scores"] if k not in known)
+    others = sorted(others, key=lambda k: (k not in OTHER_LABELS, k))
+    rows = [
+        (key, label)
+        for key, label in ROWS + [(k, OTHER_LABELS.get(k, f"accuracy, {k}")) for k in others]
+        if any(key in picked[n]["scores"] for n in names)
+    ]
     width = max(12, *(len(n) + 2 for n in names))
-    label_w = max(len(label) for _, label in ROWS) + 2
-    lines = [f"{'':{label_w}}" + "".join(f"{n:>{width}}" for n in names) + f"{'chance':>{width}}"]
-    lines.append(f"{'model':{label_w}}" + "".join(f"{picked[n]['model']:>{width}}" for n in names))
+    label_w = max(len(label) for _, label in [*rows, ("parameters", "parameters")]) + 2
+    reference = "baseline" if tasks == {"vqa"} else "chance"
     params = [f"{picked[n]['n'] / 1e6:.2f} M" if picked[n]["n"] else "?" for n in names]
-    lines.append(f"{'parameters':{label_w}}" + "".join(f"{p:>{width}}" for p in params))
-    for key, label in ROWS:
-        if not any(key in picked[n]["scores"] for n in names):
-            continue
+    lines = [
+        f"{'':{label_w}}" + "".join(f"{n:>{width}}" for n in names) + f"{reference:>{width}}",
+        f"{'model':{label_w}}" + "".join(f"{picked[n]['model']:>{width}}" for n in names),
+        f"{'parameters':{label_w}}" + "".join(f"{p:>{width}}" for p in params),
+    ]
+    for key, label in rows:
         cells = [picked[n]["scores"].get(key) for n in names]
         chance = next((c for n in names if (c := _chance(picked[n], key)) is not None), None)
         row = "".join(f"{v:{width}.2f}" if v is not None else f"{'-':>{width}}" for v in cells)
         lines.append(f"{label:{label_w}}{row}" + (f"{chance:{width}.2f}" if chance is not None else ""))
     first = next(iter(picked.values()))
-    lines.append(f"({first.get('num_images', '?')} images, {first.get('num_texts', '?')} texts; '-': not reported)")
+    if "num_images" in first:
+        lines.append(f"({first['num_images']} images, {first.get('num_texts', '?')} texts; '-': not reported)")
+    elif tasks:
+        lines.append(f"(task: {', '.join(sorted(tasks))}; accuracy in %; '-': not reported)")
     return "\n".join(lines)
 
 

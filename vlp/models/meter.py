@@ -213,7 +213,7 @@ class METER(VLPModule):
             title = f"{names[idx] if names else stage}: {head.name} ({type(self).__name__})"
             scores, table = head.summarize(metric, title=title)
             self.log_dict({f"{prefix}/{head.name}_{k}": v for k, v in scores.items()}, rank_zero_only=True)
-            self.results[prefix] = {"scores": scores, "task": head.name}
+            self.results[prefix] = {"scores": scores, "task": head.name, "chance": head.chance}
             if stage == "test":
                 self.report("\n" + table + "\n")
         for key in sorted(k for k in self._eval if k.startswith(stage + "_")):

@@ -117,6 +117,11 @@ class VQA(Objective):
         self.baseline = baseline
         self.head = classifier(dim, len(self.answers))
 
+    @property
+    def chance(self) -> dict[str, float]:
+        """Reference accuracies (percent) printed beside the results: the ``baseline``."""
+        return dict(self.baseline or {})
+
     def targets(self, answers: list[list[str]], device: torch.device) -> tuple[torch.Tensor, int]:
         """Soft targets (B, num_answers) and the number of questions with no answer in the vocabulary."""
         target = torch.zeros(len(answers), len(self.answers))
@@ -172,6 +177,7 @@ class VE(Objective):
         super().__init__(weight)
         self.num_classes = num_classes
         self.head = classifier(dim, num_classes)
+        self.chance = {"acc": 100.0 / num_classes}
 
     def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         logits = self.head(output.fused_cls)  # (B, C)
@@ -217,6 +223,7 @@ class NLVR2(Objective):
         super().__init__(weight)
         self.second_image_type = second_image_type
         self.head = classifier(2 * dim, 2)
+        self.chance = {"acc": 50.0}
 
     def features(self, output, batch: dict, model) -> torch.Tensor:
         """(B, 2 dim): the sentence fused with the left image, then with the right one."""

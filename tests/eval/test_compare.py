@@ -1,0 +1,63 @@
+"""`vlp compare`: retrieval and task results side by side, with the chance / baseline column."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlp.errors import ConfigError
+from vlp.eval.compare import compare_table, find_results, load_results
+
+
+def record(model, scores, **extra):
+    return {"model": model, "num_parameters": 2_500_000, "results": {"test": {"scores": scores, **extra}}}
+
+
+def test_vqa_results_by_type_with_the_baseline():
+    base = {"overall": 31.2, "color": 13.0}
+    table = compare_table(
+        {
+            "co": record("METER", {"overall": 46.2, "color": 50.0}, task="vqa", chance=base),
+            "merged": record("METER", {"overall": 40.0, "color": 41.5, "count": 30.0}, task="vqa", chance=base),
+        }
+    )
+    lines = table.splitlines()
+    assert lines[0].split() == ["co", "merged", "baseline"]
+    assert lines[2].split() == ["parameters", "2.50", "M", "2.50", "M"]
+    rows = {line.rsplit(maxsplit=3)[0]: line.split()[-3:] for line in lines[3:-1]}
+    assert rows["accuracy, overall"] == ["46.20", "40.00", "31.20"]  # overall first
+    assert rows["accuracy, color"] == ["50.00", "41.50", "13.00"]
+    assert lines[5].split()[-2:] == ["-", "30.00"] and "count" in lines[5]  # not reported by one run, no baseline
+    assert lines[-1].startswith("(task: vqa")
+
+
+def test_retrieval_rows_and_chance():
+    chance = {"i2t_r1": 0.1, "t2i_r1": 0.1, "rmean": 0.5}
+    table = compare_table(
+        {
+            "clip": record("CLIP", {"i2t_r1": 10.0, "t2i_r1": 12.0, "rmean": 30.0}, chance=chance, num_images=10),
+            "albef": record(
+                "ALBEF",
+                {"i2t_r1": 11.0, "itm_i2t_r1": 13.0, "t2i_r1": 9.0, "rmean": 31.0, "itm_acc": 55.0},
+                chance=chance,
+                num_images=10,
+            ),
+        }
+    )
+    row = {line[:26].strip(): line[26:].split() for line in table.splitlines()[3:-1]}
+    assert row["image→text R@1   ITC+ITM"] == ["-", "13.00", "0.10"]
+    assert row["ITM accuracy (balanced)"] == ["-", "55.00", "50.00"]
+    with pytest.raises(ConfigError, match="no results for 'val'"):
+        compare_table({"clip": record("CLIP", {})}, source="val")
+
+
+def test_finding_results_files(tmp_path):
+    with pytest.raises(ConfigError, match="no test_results.json below it"):
+        find_results(tmp_path)
+    (tmp_path / "logs/version_0").mkdir(parents=True)
+    (tmp_path / "logs/version_0/test_results.json").write_text(json.dumps(record("CLIP", {"acc": 1.0})))
+    assert load_results(tmp_path)["model"] == "CLIP"
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ConfigError, match="not a vlp test results file"):
+        load_results(tmp_path / "bad.json")
