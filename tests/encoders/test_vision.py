@@ -226,3 +226,36 @@ def test_openclip_bad_names_and_paths(tmp_path):
     torch.save({"state_dict": {"visual.proj": torch.zeros(1)}}, tmp_path / "wrong.pt")
     with pytest.raises(CheckpointError, match="wrong.pt"):
         OpenCLIPVisionEncoder("ViT-B-32", pretrained=str(tmp_path / "wrong.pt"), model_kwargs=OPENCLIP)
+
+
+@pytest.mark.parametrize("tower", ["timm", "open_clip"])
+def test_masked_patches_are_replaced_before_the_transformer(tower):
+    """MIM input masking: the masked patches' embeddings become the mask token before the
+    position embeddings; recomputed by hand from the tower's own parts."""
+    enc = (timm_encoder(VIT) if tower == "timm" else openclip_encoder(use_proj=False)).eval()
+    x = images()
+    token = torch.randn(enc.dim)
+    with torch.no_grad():
+        if tower == "timm":
+            m = enc.model
+            e = m.patch_embed(x)  # (B, N, D)
+            mask = torch.zeros(e.shape[:2], dtype=torch.bool)
+            mask[0, 1] = mask[1, 0] = True
+            h = m.norm_pre(m.patch_drop(m._pos_embed(torch.where(mask[..., None], token, e))))
+            want = m.norm(m.blocks(h))
+        else:
+            v = enc.visual
+            e = v.conv1(x).flatten(2).transpose(1, 2)  # (B, N, W)
+            mask = torch.zeros(e.shape[:2], dtype=torch.bool)
+            mask[0, 1] = mask[1, 0] = True
+            e = torch.where(mask[..., None], token, e)
+            cls = v.class_embedding.expand(len(x), 1, -1)
+            h = v.ln_pre(torch.cat([cls, e], dim=1) + v.positional_embedding)
+            want = v.ln_post(v.transformer(h))
+        got = enc(x, patch_mask=mask, mask_token=token).tokens
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(got, enc(x).tokens)
+        nothing = torch.zeros_like(mask)
+        torch.testing.assert_close(enc(x, patch_mask=nothing, mask_token=token).tokens, enc(x).tokens)
+    with pytest.raises(ConfigError, match="does not fit"):
+        enc(x, patch_mask=torch.zeros(2, mask.shape[1] + 1, dtype=torch.bool), mask_token=token)

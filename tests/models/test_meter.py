@@ -10,7 +10,7 @@ from vlp.blocks import CoAttentionFusion, MergedAttentionFusion
 from vlp.encoders import HFTextEncoder, TimmVisionEncoder
 from vlp.errors import ConfigError
 from vlp.models import METER, OptimConfig
-from vlp.objectives import ITC, ITM, MLM, NLVR2, VE, VQA, MomentumITC
+from vlp.objectives import ITC, ITM, MIM, MLM, NLVR2, VE, VQA, MomentumITC
 
 V, Dv, Dt, D, B, L = 50, 24, 40, 32, 4, 7
 
@@ -229,3 +229,35 @@ def test_init_from_a_two_type_checkpoint_adds_the_third_type(tmp_path):
     torch.testing.assert_close(w[:2], pre.token_type.weight.detach())
     torch.testing.assert_close(w[2], w[1])
     torch.testing.assert_close(model.fusion.text_layers[0].attn.qkv.weight, pre.fusion.text_layers[0].attn.qkv.weight)
+
+
+def test_mim_regresses_masked_patches_through_the_fusion():
+    model = tiny_meter(
+        objectives=[
+            MLM(dim=D, vocab_size=V, distill=False, tie_weights=False),
+            ITM(dim=2 * D, hard_negatives=False),
+            MIM(dim=D, encoder_dim=Dv, patch_size=16),
+        ]
+    )
+    b = batch()
+    mask = torch.zeros(B, 4, dtype=torch.bool)  # 32 px, 16 px patches: 2x2
+    mask[:, 0] = True
+    mask[1, 3] = True
+    b["image_mask"] = mask
+    model.train()
+    loss = model.training_step(b, 0)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, missing
+    # the loss by hand: per-patch normalised pixels of the masked patches
+    mim = model.objectives[2]
+    model.eval()
+    with torch.no_grad():
+        out = model(b)
+        tokens, _ = model.embed_image(b["image"], patch_mask=mask, mask_token=mim.mask_token)
+        fused = model.fusion(out.text_tokens, tokens, text_mask=out.text_mask).image_tokens[:, 1:]  # (B, 4, D)
+        patches = b["image"].unfold(2, 16, 16).unfold(3, 16, 16)  # (B, 3, 2, 2, 16, 16)
+        target = patches.permute(0, 2, 3, 4, 5, 1).reshape(B, 4, 16 * 16 * 3)
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        error = (mim.head(fused) - target).pow(2).mean(-1)
+        torch.testing.assert_close(mim(out, b, model)["mim_loss"], error[mask].mean())

@@ -58,6 +58,30 @@ def check_weights_file(path: str) -> None:
         ) from None
 
 
+@contextlib.contextmanager
+def _masked_patches(module: nn.Module, mask: torch.Tensor, token: torch.Tensor, layout: str):
+    """While active, ``module`` (the patch embedding) outputs ``token`` at the patches where
+    ``mask`` (B, N) is True. ``layout``: "nlc" for (B, N, D) outputs, "nchw" for (B, D, h, w)."""
+
+    def hook(_module, _inputs, out: torch.Tensor) -> torch.Tensor:
+        m = mask.to(out.device)
+        if layout == "nlc":
+            if out.shape[:2] != m.shape:
+                raise ConfigError(f"patch mask {tuple(m.shape)} does not fit {tuple(out.shape[:2])} patches")
+            return torch.where(m[..., None], token.to(out.dtype), out)
+        B, D, h, w = out.shape
+        if (B, h * w) != tuple(m.shape):
+            raise ConfigError(f"patch mask {tuple(m.shape)} does not fit {B} images of {h}x{w} patches")
+        flat = torch.where(m[:, None, :], token.to(out.dtype)[None, :, None], out.flatten(2))  # (B, D, N)
+        return flat.view(B, D, h, w)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class _Group(nn.Module):
     """A layer group: whole submodules plus parameters that sit directly on a parent."""
 
@@ -217,7 +241,19 @@ class TimmVisionEncoder(GroupedEncoder):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
-    def forward(self, images: torch.Tensor) -> EncoderOutput:
+    def forward(
+        self, images: torch.Tensor, patch_mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> EncoderOutput:
+        """``images`` (B, 3, H, W); with ``patch_mask`` (B, h*w) bool the masked patches' embeddings
+        are replaced by ``mask_token`` (D,) before the position embeddings (BEiT-style MIM; ViTs only)."""
+        if patch_mask is not None:
+            embed = getattr(self.model, "patch_embed", None)
+            if embed is None or not getattr(embed, "flatten", False):
+                raise ConfigError(
+                    f"masked patches need a ViT with a patch embedding; {type(self.model).__name__} has none"
+                )
+            with _masked_patches(embed, patch_mask, mask_token, "nlc"):
+                return self.forward(images)
         features = self.model.forward_features(images)  # (B, L, D), (B, D, h, w) or (B, h, w, D)
         tokens = features
         if features.ndim == 4:
@@ -313,7 +349,13 @@ class OpenCLIPVisionEncoder(GroupedEncoder):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
 
-    def forward(self, images: torch.Tensor) -> EncoderOutput:
+    def forward(
+        self, images: torch.Tensor, patch_mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> EncoderOutput:
+        """``images`` (B, 3, H, W); ``patch_mask`` / ``mask_token``: as ``TimmVisionEncoder``."""
+        if patch_mask is not None:
+            with _masked_patches(self.visual.conv1, patch_mask, mask_token, "nchw"):
+                return self.forward(images)
         v = self.visual  # _embeds / _global_pool: open_clip's own steps, shared with its forward
         x = v.transformer(v._embeds(images))  # (B, 1 + h*w, W), class token first
         tokens = v.ln_post(x)

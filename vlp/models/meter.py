@@ -116,9 +116,10 @@ class METER(VLPModule):
         self._task_metrics: dict[str, tuple] = {}  # "<stage>_<source>" → (head, torchmetrics metric)
 
     # -- the model ------------------------------------------------------------------------
-    def embed_image(self, image: torch.Tensor, token_type: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """→ fusion-ready image tokens (B, Li, D) and the tower's pooled feature (B, Dp)."""
-        out = self.image_encoder(image)
+    def embed_image(self, image: torch.Tensor, token_type: int = 1, **mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ fusion-ready image tokens (B, Li, D) and the tower's pooled feature (B, Dp).
+        ``mask``: ``patch_mask`` / ``mask_token`` passed to the encoder (MIM)."""
+        out = self.image_encoder(image, **mask) if mask else self.image_encoder(image)
         tokens = self.image_proj(out.tokens) + self.token_type.weight[token_type]  # (B, Li, D)
         return tokens, out.pooled
 

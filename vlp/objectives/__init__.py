@@ -4,11 +4,13 @@ from vlp.objectives.albef import ITM, MLM, MomentumITC
 from vlp.objectives.base import Objective
 from vlp.objectives.distributed import gather_no_grad, gather_with_grad, world_info
 from vlp.objectives.itc import ITC
+from vlp.objectives.mim import MIM
 from vlp.objectives.tasks import NLVR2, VE, VQA
 
 __all__ = [
     "ITC",
     "ITM",
+    "MIM",
     "MLM",
     "MomentumITC",
     "NLVR2",
