@@ -259,3 +259,41 @@ def test_masked_patches_are_replaced_before_the_transformer(tower):
         torch.testing.assert_close(enc(x, patch_mask=nothing, mask_token=token).tokens, enc(x).tokens)
     with pytest.raises(ConfigError, match="does not fit"):
         enc(x, patch_mask=torch.zeros(2, mask.shape[1] + 1, dtype=torch.bool), mask_token=token)
+
+
+def test_openclip_keeps_the_first_blocks():
+    """METER runs 11 of CLIP-ViT-B's 12 blocks: ``num_layers`` truncates the tower."""
+    torch.manual_seed(0)
+    full = openclip_encoder(use_proj=False).eval()
+    torch.manual_seed(0)
+    cut = openclip_encoder(use_proj=False, num_layers=1).eval()
+    assert len(cut.visual.transformer.resblocks) == 1
+    v = full.visual
+    with torch.no_grad():
+        x = images()
+        h = v.ln_pre(
+            torch.cat([v.class_embedding.expand(2, 1, -1), v.conv1(x).flatten(2).transpose(1, 2)], 1)
+            + v.positional_embedding
+        )
+        want = v.ln_post(v.transformer.resblocks[0](h))
+        torch.testing.assert_close(cut(x).tokens, want)
+    with pytest.raises(ConfigError, match="num_layers must be in 1..2"):
+        openclip_encoder(num_layers=3)
+
+
+def test_init_from_interpolates_open_clip_position_embeddings():
+    from vlp.utils.checkpoint import fit_state_to_model, interpolate_pos_embed
+
+    class Holder(torch.nn.Module):
+        def __init__(self, size: int) -> None:
+            super().__init__()
+            cfg = {**OPENCLIP, "vision_cfg": {**OPENCLIP["vision_cfg"], "image_size": size}}
+            self.image_encoder = OpenCLIPVisionEncoder("ViT-B-32", use_proj=False, model_kwargs=cfg)
+
+    small, big = Holder(32), Holder(48)  # 4x4 and 6x6 patches of 8 px
+    key = "image_encoder.visual.positional_embedding"
+    state, notes = fit_state_to_model(small.state_dict(), big, where="test")
+    assert state[key].shape == big.state_dict()[key].shape == (1 + 36, 32)
+    torch.testing.assert_close(state[key], interpolate_pos_embed(small.state_dict()[key][None], (6, 6))[0])
+    assert notes == [f"{key}: 4x4 -> 6x6 patches (bicubic, prefix tokens kept)"]
+    big.load_state_dict(state)

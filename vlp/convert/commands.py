@@ -1,4 +1,4 @@
-"""``vlp convert albef``: official checkpoints → vlp state dicts."""
+"""``vlp convert albef|meter``: official checkpoints → vlp state dicts."""
 
 from __future__ import annotations
 
@@ -18,14 +18,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--head-dim", type=int, default=64, help="attention head width when inferring the model (64)")
     a.add_argument("--strict", action="store_true", help="fail unless every key is known and every weight filled")
+    m = sub.add_parser("meter", help="a METER (zdou0830/METER, CLIP-ViT) checkpoint -> a vlp METER state dict")
+    m.add_argument("ckpt", help="METER Lightning checkpoint (.ckpt), read with torch.load(weights_only=True)")
+    m.add_argument("--out", required=True, help="output file: *.safetensors, or a torch file ({'state_dict': ...})")
+    m.add_argument(
+        "--config",
+        default=None,
+        help="recipe YAML whose model to fill, built without its pretrained weights (default: the checkpoint's "
+        "architecture with the other settings of recipes/meter_clip16_roberta.yaml, printed as a recipe)",
+    )
+    m.add_argument(
+        "--head-dim", type=int, default=64, help="attention head width where the checkpoint's config does not say (64)"
+    )
+    m.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail unless every key is known, every weight filled and the model computes what METER computes",
+    )
     return parser
 
 
 def convert_main(args: list[str]) -> object:
     ns = _parser().parse_args(args)
-    from vlp.convert.albef import convert_albef
+    if ns.command == "meter":
+        from vlp.convert.meter import convert_meter as convert
+    else:
+        from vlp.convert.albef import convert_albef as convert
 
-    report = convert_albef(ns.ckpt, ns.out, ns.config, head_dim=ns.head_dim, strict=ns.strict)
+    report = convert(ns.ckpt, ns.out, ns.config, head_dim=ns.head_dim, strict=ns.strict)
     print(report.summary())
     if report.recipe is not None:
         import yaml

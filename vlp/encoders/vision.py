@@ -280,6 +280,8 @@ class OpenCLIPVisionEncoder(GroupedEncoder):
             (file, or folder holding one) of the whole CLIP model, or None for random init.
         use_proj: pool into the CLIP embedding space (``pooled_dim`` = embed dim); False
             keeps the pre-projection pooled token (``pooled_dim`` = width) and drops ``proj``.
+        num_layers: keep only the first N transformer blocks (METER runs 11 of CLIP-ViT-B's 12;
+            the pretrained weights of the dropped blocks are discarded).
         model_kwargs: overrides of the model config, top-level keys replaced whole, e.g.
             ``{"embed_dim": 16, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32,
             "layers": 2, "head_width": 16}}``; without weights the text tower is a stub.
@@ -291,6 +293,7 @@ class OpenCLIPVisionEncoder(GroupedEncoder):
         *,
         pretrained: str | None = None,
         use_proj: bool = True,
+        num_layers: int | None = None,
         model_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
@@ -330,6 +333,12 @@ class OpenCLIPVisionEncoder(GroupedEncoder):
             )
         if not use_proj:
             visual.proj = None
+        if num_layers is not None:
+            blocks = visual.transformer.resblocks
+            if not 1 <= num_layers <= len(blocks):
+                raise ConfigError(f"num_layers must be in 1..{len(blocks)} for {model_name}, got {num_layers}")
+            visual.transformer.resblocks = blocks[:num_layers]
+            visual.transformer.layers = num_layers
         self.visual = visual
         self.dim = visual.transformer.width
         self.pooled_dim = visual.output_dim if use_proj else self.dim

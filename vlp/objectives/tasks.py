@@ -34,9 +34,11 @@ from vlp.objectives.base import Objective
 from vlp.utils.paths import resolve_path
 
 
-def classifier(dim: int, num_classes: int) -> nn.Sequential:
-    """METER's task classifier: Linear(dim, 2 dim) → LayerNorm → GELU → Linear(2 dim, classes)."""
-    head = nn.Sequential(nn.Linear(dim, 2 * dim), nn.LayerNorm(2 * dim), nn.GELU(), nn.Linear(2 * dim, num_classes))
+def classifier(dim: int, num_classes: int, hidden: int | None = None) -> nn.Sequential:
+    """METER's task classifier: Linear(dim, hidden) → LayerNorm → GELU → Linear(hidden, classes);
+    ``hidden`` defaults to ``dim`` (METER's VQA / SNLI-VE heads on the 2 x hidden pooled pair)."""
+    hidden = hidden or dim
+    head = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, num_classes))
     for m in head.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
@@ -222,7 +224,7 @@ class NLVR2(Objective):
     def __init__(self, weight: float = 1.0, *, dim: int = 1536, second_image_type: int = 2) -> None:
         super().__init__(weight)
         self.second_image_type = second_image_type
-        self.head = classifier(2 * dim, 2)
+        self.head = classifier(2 * dim, 2, hidden=dim)  # METER: Linear(4h, 2h) on the two pairs
         self.chance = {"acc": 50.0}
 
     def features(self, output, batch: dict, model) -> torch.Tensor:

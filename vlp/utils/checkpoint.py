@@ -68,23 +68,29 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_pr
 
 
 def is_pos_embed(key: str, t: torch.Tensor, want: torch.Tensor) -> bool:
-    """A ViT position embedding (``*.pos_embed``) of another grid, same width."""
-    return key.endswith("pos_embed") and t.ndim == want.ndim == 3 and t.shape[-1] == want.shape[-1]
+    """A ViT position embedding of another grid, same width: timm's ``*.pos_embed``
+    (1, P + N, D) or open_clip's ``*.positional_embedding`` (P + N, D) of a vision tower."""
+    if key.endswith("pos_embed"):
+        return t.ndim == want.ndim == 3 and t.shape[-1] == want.shape[-1]
+    return key.endswith("visual.positional_embedding") and t.ndim == want.ndim == 2 and t.shape[-1] == want.shape[-1]
 
 
 def resize_pos_embed(model: torch.nn.Module, key: str, t: torch.Tensor, want: torch.Tensor) -> tuple[torch.Tensor, str]:
     """``t`` interpolated to the patch grid of ``model``'s ``key`` (its owner's ``grid_size``
-    and ``num_prefix_tokens``, timm's attributes); → the tensor and a note for the log."""
+    and ``num_prefix_tokens``, timm's and open_clip's attributes); → the tensor and a note."""
     owner = model.get_submodule(key.rsplit(".", 1)[0]) if "." in key else model
+    flat = t.ndim == 2  # open_clip: (P + N, D)
+    t3, want3 = (t[None], want[None]) if flat else (t, want)
     prefix = int(getattr(owner, "num_prefix_tokens", 1))
-    n = want.shape[1] - prefix
-    grid = getattr(getattr(owner, "patch_embed", None), "grid_size", None) or (math.isqrt(n), math.isqrt(n))
-    grid = tuple(int(g) for g in grid)
+    n = want3.shape[1] - prefix
+    grid = getattr(getattr(owner, "patch_embed", None), "grid_size", None) or getattr(owner, "grid_size", None)
+    grid = tuple(int(g) for g in (grid or (math.isqrt(n), math.isqrt(n))))
     if grid[0] * grid[1] != n:
         raise CheckpointError(f"cannot infer the patch grid of {key} ({n} positions)")
-    side = math.isqrt(t.shape[1] - prefix)
+    side = math.isqrt(t3.shape[1] - prefix)
     note = f"{key}: {side}x{side} -> {grid[0]}x{grid[1]} patches (bicubic, prefix tokens kept)"
-    return interpolate_pos_embed(t, grid, prefix), note
+    out = interpolate_pos_embed(t3, grid, prefix)
+    return (out[0] if flat else out), note
 
 
 def fit_state_to_model(state: dict[str, torch.Tensor], model: torch.nn.Module, where: str) -> tuple[dict, list[str]]:
