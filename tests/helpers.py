@@ -34,3 +34,56 @@ def write_tar(path, samples: list[dict]) -> str:
                 out[k] = v
             sink.write(out)
     return str(path)
+
+
+def run_in(folder, args: list[str]):
+    """``cli_main(args)`` with ``folder`` (created) as the working directory."""
+    from pathlib import Path
+
+    from vlp.cli import cli_main
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        return cli_main(args)
+    finally:
+        os.chdir(cwd)
+
+
+def shrink_recipe(cfg: dict, width: int, *, steps: int, image_size: int = 32) -> dict:
+    """A tiny recipe's trainer and towers made test-sized in place: ``steps`` steps, a
+    checkpoint and CSV logs in the working directory, a 1-layer ViT (16 px patches) and a
+    1-layer random BERT (MiniLM vocabulary) of ``width``, mean-pooled."""
+    cfg["trainer"].update(
+        max_steps=steps,
+        val_check_interval=steps,
+        log_every_n_steps=2,
+        enable_progress_bar=False,
+        callbacks=[
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": "checkpoints", "save_last": True, "save_top_k": 0},
+            }
+        ],
+        logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs", "name": ""}},
+        default_root_dir=".",
+    )
+    model = cfg["model"]["init_args"]
+    model["image_encoder"]["init_args"].update(
+        img_size=image_size, model_kwargs={"patch_size": 16, "embed_dim": width, "depth": 1, "num_heads": 2}
+    )
+    model["text_encoder"]["init_args"] = {
+        "config": {
+            "model_type": "bert",
+            "vocab_size": 30522,
+            "hidden_size": width,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 64,
+        },
+        "pooling": "mean",
+    }
+    return cfg

@@ -6,12 +6,12 @@ size."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import run_in, shrink_recipe
 from jsonargparse import ArgumentParser
 
 from vlp.cli import cli_main
@@ -37,36 +37,8 @@ def small_recipe(root: Path, *, image_size: int = 32, queue: int = 64, positives
     shapes manifests of ``root``; the rest (objectives, trainer, data) as in the recipe."""
     cfg = yaml.safe_load((REPO / "recipes/tiny/albef.yaml").read_text())
     m = root / "shapes" / "manifests"
-    cfg["trainer"].update(
-        max_steps=6,
-        val_check_interval=6,
-        log_every_n_steps=2,
-        enable_progress_bar=False,
-        callbacks=[
-            {
-                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {"dirpath": "checkpoints", "save_last": True, "save_top_k": 0},
-            }
-        ],
-        logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs", "name": ""}},
-        default_root_dir=".",
-    )
+    shrink_recipe(cfg, W, steps=6, image_size=image_size)
     model = cfg["model"]["init_args"]
-    model["image_encoder"]["init_args"].update(
-        img_size=image_size, model_kwargs={"patch_size": 16, "embed_dim": W, "depth": 1, "num_heads": 2}
-    )
-    model["text_encoder"]["init_args"] = {
-        "config": {
-            "model_type": "bert",
-            "vocab_size": 30522,
-            "hidden_size": W,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "intermediate_size": 64,
-            "max_position_embeddings": 64,
-        },
-        "pooling": "mean",
-    }
     model["fusion"]["init_args"] = {"dim": W, "depth": 1, "num_heads": 2, "context_dim": W}
     itc, itm, mlm = model["objectives"]
     itc["init_args"].update(queue_size=queue, embed_dim=16, positives=positives)
@@ -95,20 +67,10 @@ def _build(recipe: dict) -> ALBEF:
     return parser.instantiate(parser.parse_object({"model": recipe["model"]})).model
 
 
-def _in(folder: Path, args: list[str]):
-    folder.mkdir(parents=True, exist_ok=True)
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        return cli_main(args)
-    finally:
-        os.chdir(cwd)
-
-
 @pytest.fixture(scope="module")
 def pretrained(workdir):
     run = workdir / "pretrain"
-    cli = _in(run, ["fit", "--config", str(small_recipe(workdir))])
+    cli = run_in(run, ["fit", "--config", str(small_recipe(workdir))])
     return run, cli
 
 
@@ -117,7 +79,7 @@ def test_fit_then_test_from_the_checkpoint_alone(pretrained, capsys):
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     capsys.readouterr()
-    cli = _in(run, ["test", "--ckpt", str(ckpt), "--trainer.enable_progress_bar=false"])
+    cli = run_in(run, ["test", "--ckpt", str(ckpt), "--trainer.enable_progress_bar=false"])
     out = capsys.readouterr().out
     # the ALBEF table: ITC and ITC+ITM rows per direction, chance, means
     assert "ITC+ITM@4" in out and "image→text" in out and "text→image" in out and "chance" in out
@@ -140,7 +102,7 @@ def test_fit_then_test_from_the_checkpoint_alone(pretrained, capsys):
 def test_compare_prints_runs_side_by_side(pretrained, capsys):
     run, _ = pretrained
     if not list(run.rglob("test_results.json")):
-        _in(run, ["test", "--ckpt", str(run / "checkpoints/last.ckpt"), "--trainer.enable_progress_bar=false"])
+        run_in(run, ["test", "--ckpt", str(run / "checkpoints/last.ckpt"), "--trainer.enable_progress_bar=false"])
     capsys.readouterr()
     table = cli_main(["compare", str(run), str(run), "--names", "first,second"])
     assert table == capsys.readouterr().out.rstrip("\n")
@@ -165,7 +127,7 @@ def test_finetune_from_the_checkpoint_at_another_resolution_and_queue(workdir, p
     recipe = small_recipe(workdir, image_size=48, queue=32, positives="same_id")
     ft = workdir / "finetune"
     with caplog.at_level("WARNING", logger="vlp"):
-        cli = _in(
+        cli = run_in(
             ft,
             [
                 "fit",

@@ -5,14 +5,13 @@ by question type beside the majority baseline."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import run_in, shrink_recipe
 
-from vlp.cli import cli_main
 from vlp.data.synth import write_shapes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,36 +28,8 @@ def workdir(tmp_path_factory):
 def small(recipe: str, root: Path, **data) -> dict:
     """A recipe with every tower shrunk to width 32 (random init) and this test's shapes."""
     cfg = yaml.safe_load((REPO / recipe).read_text())
-    cfg["trainer"].update(
-        max_steps=4,
-        val_check_interval=4,
-        log_every_n_steps=2,
-        enable_progress_bar=False,
-        callbacks=[
-            {
-                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {"dirpath": "checkpoints", "save_last": True, "save_top_k": 0},
-            }
-        ],
-        logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs", "name": ""}},
-        default_root_dir=".",
-    )
+    shrink_recipe(cfg, W, steps=4)
     model = cfg["model"]["init_args"]
-    model["image_encoder"]["init_args"].update(
-        img_size=32, model_kwargs={"patch_size": 16, "embed_dim": W, "depth": 1, "num_heads": 2}
-    )
-    model["text_encoder"]["init_args"] = {
-        "config": {
-            "model_type": "bert",
-            "vocab_size": 30522,
-            "hidden_size": W,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "intermediate_size": 64,
-            "max_position_embeddings": 64,
-        },
-        "pooling": "mean",
-    }
     model["fusion"]["init_args"] = {"dim": W, "depth": 1, "num_heads": 2}
     model["hidden_size"] = W
     for o in model["objectives"]:
@@ -74,20 +45,10 @@ def small(recipe: str, root: Path, **data) -> dict:
     return cfg
 
 
-def _in(folder: Path, args: list[str]):
-    folder.mkdir(parents=True, exist_ok=True)
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        return cli_main(args)
-    finally:
-        os.chdir(cwd)
-
-
 def test_pretrain_then_vqa_fine_tune_then_test(workdir, capsys):
     pre = small("recipes/tiny/meter.yaml", workdir)
     (workdir / "pre.yaml").write_text(yaml.safe_dump(pre, sort_keys=False))
-    cli = _in(workdir / "pre", ["fit", "--config", str(workdir / "pre.yaml")])
+    cli = run_in(workdir / "pre", ["fit", "--config", str(workdir / "pre.yaml")])
     scores = cli.model.results["val"]["scores"]
     assert set(scores) == {"itm_acc", "mlm_acc"}
     ckpt = workdir / "pre" / "checkpoints" / "last.ckpt"
@@ -95,13 +56,13 @@ def test_pretrain_then_vqa_fine_tune_then_test(workdir, capsys):
     ft = small("recipes/finetune/tiny_meter_vqa.yaml", workdir)
     ft["model"]["init_args"]["init_from"] = str(ckpt)
     (workdir / "ft.yaml").write_text(yaml.safe_dump(ft, sort_keys=False))
-    fit = _in(workdir / "ft", ["fit", "--config", str(workdir / "ft.yaml")])
+    fit = run_in(workdir / "ft", ["fit", "--config", str(workdir / "ft.yaml")])
     # the towers and the fusion came from the pretraining checkpoint, then trained on VQA
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert fit.model.results["val"]["task"] == "vqa"
 
     capsys.readouterr()
-    test = _in(workdir / "ft", ["test", "--ckpt", "checkpoints/last.ckpt", "--trainer.enable_progress_bar=false"])
+    test = run_in(workdir / "ft", ["test", "--ckpt", "checkpoints/last.ckpt", "--trainer.enable_progress_bar=false"])
     out = capsys.readouterr().out
     assert "question type" in out and "baseline %" in out
     for qtype in ("overall", "color", "count", "exist", "spatial"):

@@ -703,14 +703,15 @@ def albef_recipe_from_state(state: dict[str, Tensor], *, head_dim: int = 64) -> 
     }
 
 
-def save_state_dict(state: dict[str, Tensor], path: str) -> None:
-    """Write a vlp state dict: safetensors for ``*.safetensors``, else ``torch.save({"state_dict": ...})``."""
+def save_state_dict(state: dict[str, Tensor], path: str, converted_by: str = "vlp convert albef") -> None:
+    """Write a vlp state dict: safetensors for ``*.safetensors`` (``converted_by`` in its
+    metadata), else ``torch.save({"state_dict": ...})``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        save_file(tensors, path, metadata={"format": "pt", "converted_by": "vlp convert albef"})
+        save_file(tensors, path, metadata={"format": "pt", "converted_by": converted_by})
     else:
         torch.save({"state_dict": tensors}, path)
 

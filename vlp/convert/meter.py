@@ -777,18 +777,6 @@ def _with_answers(recipe: dict, state: dict[str, Tensor]) -> dict:
     return recipe
 
 
-def save_meter_state_dict(state: dict[str, Tensor], path: str) -> None:
-    """Write a vlp state dict: safetensors for ``*.safetensors``, else ``torch.save({"state_dict": ...})``."""
-    if not path.endswith(".safetensors"):
-        save_state_dict(state, path)
-        return
-    from safetensors.torch import save_file
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    save_file(tensors, path, metadata={"format": "pt", "converted_by": "vlp convert meter"})
-
-
 def convert_meter(
     src_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -837,5 +825,5 @@ def convert_meter(
     report.notes = notes + report.notes
     if strict and not report.ok:
         raise CheckpointError("incomplete METER conversion (strict):\n" + report.summary())
-    save_meter_state_dict(model.state_dict(), out)
+    save_state_dict(model.state_dict(), out, converted_by="vlp convert meter")
     return report
