@@ -35,6 +35,26 @@ def test_recipe_parses(recipe, capsys):
     assert "class_path" in capsys.readouterr().out
 
 
+def pair_batch() -> dict:
+    """4 pairs at the tiny recipes' sizes (64 px, 4x4 patches), MLM- and MIM-masked."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (4, 9), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = ids[:, 3]
+    return {
+        "modality": "pair",
+        "image": torch.randn(4, 3, 64, 64, generator=g),
+        "text_ids": ids,
+        "text_mask": torch.ones_like(ids),
+        "image_id": torch.arange(4),
+        "text_image_id": torch.arange(4),
+        "mlm_input_ids": ids.masked_fill(labels != -100, 103),
+        "mlm_labels": labels,
+        "image_mask": torch.rand(4, 16, generator=g) < 0.4,  # PatchMasker's key (MIM)
+    }
+
+
 @pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda p: p.name)
 def test_ablation_stacks_on_its_base(ablation, capsys):
     with pytest.raises(SystemExit) as e:
@@ -68,21 +88,7 @@ def test_tiny_ablations_build(ablation):
     assert mlm.distill == ablation.name.endswith("_mod.yaml")
     assert model.use_momentum == ("_itc_" in ablation.name)
     # and it trains: one step on a small batch at the recipe's widths
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 2000, (4, 9), generator=g)
-    ids[:, 0], ids[:, -1] = 101, 102
-    labels = torch.full_like(ids, -100)
-    labels[:, 3] = ids[:, 3]
-    b = {
-        "modality": "pair",
-        "image": torch.randn(4, 3, 64, 64, generator=g),
-        "text_ids": ids,
-        "text_mask": torch.ones_like(ids),
-        "image_id": torch.arange(4),
-        "text_image_id": torch.arange(4),
-        "mlm_input_ids": ids.masked_fill(labels != -100, 103),
-        "mlm_labels": labels,
-    }
+    b = pair_batch()
     model.train()
     loss = model.training_step(b, 0)
     assert torch.isfinite(loss)
@@ -113,21 +119,7 @@ def test_tiny_meter_ablations_build_and_train_a_step(ablation):
     if "merged" in ablation.name:  # merged vs co-attention at (nearly) equal size
         assert type(model.fusion).__name__ == "MergedAttentionFusion"
         assert abs(n(model.fusion) - n(base.fusion)) / n(base.fusion) < 0.1
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 2000, (4, 9), generator=g)
-    labels = torch.full_like(ids, -100)
-    labels[:, 3] = ids[:, 3]
-    b = {
-        "modality": "pair",
-        "image": torch.randn(4, 3, 64, 64, generator=g),
-        "text_ids": ids,
-        "text_mask": torch.ones_like(ids),
-        "image_id": torch.arange(4),
-        "text_image_id": torch.arange(4),
-        "mlm_input_ids": ids.masked_fill(labels != -100, 103),
-        "mlm_labels": labels,
-        "image_mask": torch.rand(4, 16, generator=g) < 0.4,  # PatchMasker's key (MIM)
-    }
+    b = pair_batch()
     model.train()
     loss = model.training_step(b, 0)
     loss.backward()
