@@ -40,7 +40,7 @@ demo-albef: data
 
 # METER: pretrain (MLM + ITM), fine-tune on the VQA split, co-attention beside merged
 # attention of equal size; VQA accuracy by question type against the majority answer
-# (~45 min on 2 CPU cores)
+# (~30 min on 2 CPU cores)
 demo-meter: data
 	$(VLP) fit --config recipes/tiny/meter.yaml
 	$(VLP) fit --config recipes/finetune/tiny_meter_vqa.yaml

@@ -130,3 +130,22 @@ def test_tiny_meter_ablations_build_and_train_a_step(ablation):
     assert [o.name for o in model.objectives] == (
         ["mlm"] if ablation.name.endswith("_mlm.yaml") else ["mlm", "itm", *extra]
     )
+
+
+def test_tiny_meter_retrieval_recipe_trains_and_ranks_a_subset(capsys):
+    model = _build(REPO / "recipes/finetune/tiny_meter_retrieval.yaml")
+    assert [o.name for o in model.objectives] == ["itm", "irtr"]
+    head = model.objectives[1]
+    assert (head.k, head.max_images, head.negatives) == (None, 100, 3)
+    b = {**pair_batch(), "modality": "retrieval"}
+    b["text_ids"], b["text_mask"] = b["text_ids"].repeat_interleave(2, 0), b["text_mask"].repeat_interleave(2, 0)
+    b["text_image_id"] = b["image_id"].repeat_interleave(2)  # two captions per image
+    model.train()
+    loss = model.training_step(b, 0)
+    loss.backward()
+    assert model.fusion.image_layers[-1].mlp.fc1.weight.grad is not None
+    model.eval()
+    model.test_step(b, 0)
+    model.on_test_epoch_end()
+    assert set(model.results["test"]["scores"]) >= {"i2t_r1", "t2i_r10", "rmean"}
+    assert "ITM over all 32 pairs" in capsys.readouterr().out

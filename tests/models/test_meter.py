@@ -155,8 +155,8 @@ def test_pretraining_evaluation_reports_itm_and_mlm_accuracy():
     assert set(scores) == {"itm_acc", "mlm_acc"} and 0 <= scores["itm_acc"] <= 100
 
 
-def test_meter_fine_tunes_and_evaluates_vqa_and_ve():
-    model = tiny_meter(objectives=[VQA(dim=2 * D, answers=["yes", "no", "red"]), VE(dim=2 * D)])
+def task_batches() -> dict[str, dict]:
+    """One small batch per task modality (vqa, ve, nlvr2) at the tiny models' sizes."""
     g = torch.Generator().manual_seed(0)
     common = {
         "image": torch.randn(B, 3, 32, 32, generator=g),
@@ -164,8 +164,26 @@ def test_meter_fine_tunes_and_evaluates_vqa_and_ve():
         "text_ids": torch.randint(5, V, (B, L), generator=g),
         "text_mask": torch.ones(B, L, dtype=torch.long),
     }
-    vqa = {**common, "modality": "vqa", "answers": [["yes"], ["no"], ["red"], ["blue"]], "question_type": ["a"] * B}
-    ve = {**common, "modality": "ve", "label": torch.tensor([0, 1, 2, 1])}
+    return {
+        "vqa": {
+            **common,
+            "modality": "vqa",
+            "answers": [["yes"], ["no"], ["red"], ["blue"]],
+            "question_type": ["a"] * B,
+        },
+        "ve": {**common, "modality": "ve", "label": torch.tensor([0, 1, 2, 1])},
+        "nlvr2": {
+            **common,
+            "modality": "nlvr2",
+            "image2": torch.randn(B, 3, 32, 32, generator=g),
+            "label": torch.tensor([0, 1, 1, 0]),
+        },
+    }
+
+
+def test_meter_fine_tunes_and_evaluates_vqa_and_ve():
+    model = tiny_meter(objectives=[VQA(dim=2 * D, answers=["yes", "no", "red"]), VE(dim=2 * D)])
+    vqa, ve = task_batches()["vqa"], task_batches()["ve"]
     model.train()
     for b, objective in ((vqa, "vqa"), (ve, "ve")):
         model.zero_grad()
@@ -177,14 +195,14 @@ def test_meter_fine_tunes_and_evaluates_vqa_and_ve():
         other = next(o for o in model.objectives if o.name != objective)
         assert all(p.grad is None for p in other.parameters())  # a batch trains its own head only
     model.eval()
-    model._eval_step("val", vqa, 0)
-    model._eval_step("test", ve, 0)
-    model._eval_epoch_end("val")
-    model._eval_epoch_end("test")
+    model._eval_batch("val", vqa, 0)
+    model._eval_batch("test", ve, 0)
+    model.on_validation_epoch_end()
+    model.on_test_epoch_end()
     assert model.results["val"]["task"] == "vqa" and set(model.results["val"]["scores"]) == {"overall", "other"}
     assert model.results["test"]["task"] == "ve" and set(model.results["test"]["scores"]) == {"acc"}
     with pytest.raises(ConfigError, match="no task head for 'nlvr2'"):
-        model._eval_step("val", {**vqa, "modality": "nlvr2"}, 0)
+        model._eval_batch("val", {**vqa, "modality": "nlvr2"}, 0)
 
 
 def test_nlvr2_fuses_the_sentence_with_each_image():
@@ -215,8 +233,8 @@ def test_nlvr2_fuses_the_sentence_with_each_image():
         # swapping the images changes the features (the pair is ordered)
         swapped = {**b, "image": b["image2"], "image2": b["image"]}
         assert not torch.allclose(head.features(model(swapped), swapped, model), want)
-    model._eval_step("test", b, 0)
-    model._eval_epoch_end("test")
+    model._eval_batch("test", b, 0)
+    model.on_test_epoch_end()
     assert model.results["test"]["task"] == "nlvr2" and 0 <= model.results["test"]["scores"]["acc"] <= 100
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from math import comb
 
 import torch
+import torch.nn.functional as F
 from torchmetrics import Metric
 
 KS = (1, 5, 10)
@@ -284,3 +285,68 @@ def format_rerank_table(
     if chance:
         lines.append(row("  chance", [chance["rmean"]]))
     return "\n".join(lines)
+
+
+# -- fusion-model retrieval: cached tokens of a whole split ---------------------------------
+
+
+def gather_pair_tokens(parts: list[tuple]) -> tuple[torch.Tensor, ...]:
+    """Concatenate evaluation batches cached for pair scoring, gather them across ranks and
+    keep one row per image id.
+
+    Each part is ``(image_tokens (B, Li, Di), image_embeds (B, E) or None, image_id (B,),
+    text_tokens (T, Lt, Dt), text_mask (T, Lt), text_embeds (T, E) or None,
+    text_image_id (T,))``; texts are padded to the longest text of all ranks.
+
+    Returns:
+        ``(image_tokens (Ni, Li, Di), image_embeds (Ni, E) or None, image_ids (Ni,) sorted,
+        text_tokens (Nt, Lt, Dt), text_mask (Nt, Lt), text_embeds (Nt, E) or None,
+        text_image_index (Nt,))``: the last is each text's image row.
+    """
+    from vlp.objectives.distributed import gather_no_grad, world_info
+
+    if not parts:
+        raise ValueError("no evaluation batches were cached")
+    width = max(p[3].shape[1] for p in parts)
+    _, world = world_info()
+    if world > 1:  # pad text to a common length before gathering
+        width = int(gather_no_grad(torch.tensor([width], device=parts[0][3].device)).max())
+    has_embeds = parts[0][1] is not None and parts[0][5] is not None
+    cols = []
+    for i in range(7):
+        if i in (1, 5) and not has_embeds:
+            cols.append(None)
+            continue
+        pieces = [p[i] for p in parts]
+        if i == 3:
+            pieces = [F.pad(t, (0, 0, 0, width - t.shape[1])) for t in pieces]
+        elif i == 4:
+            pieces = [F.pad(t, (0, width - t.shape[1])) for t in pieces]
+        col = torch.cat(pieces)
+        cols.append(gather_no_grad(col) if world > 1 else col)
+    image_tokens, image_embeds, image_id, text_tokens, text_mask, text_embeds, text_image_id = cols
+    ids, first = _first_occurrence(image_id)
+    index = torch.searchsorted(ids, text_image_id)
+    if (index >= len(ids)).any() or (ids[index.clamp(max=len(ids) - 1)] != text_image_id).any():
+        raise ValueError("a text refers to an image id that is not in the evaluation set")
+    image_embeds = image_embeds[first] if image_embeds is not None else None
+    return image_tokens[first], image_embeds, ids, text_tokens, text_mask, text_embeds, index
+
+
+@torch.no_grad()
+def score_all_pairs(
+    num_images: int, num_texts: int, score_fn: PairScoreFn, *, batch_size: int = 256, device=None
+) -> torch.Tensor:
+    """(Ni, Nt) scores of every (image, text) pair from a pair scorer (ViLT/METER evaluation:
+    no first stage, the fusion model ranks the whole split). Cost: Ni x Nt fused pairs.
+    Indices are made on ``device``; the result is float32 on the CPU."""
+    n = num_images * num_texts
+    out = []
+    for s in range(0, n, batch_size):
+        flat = torch.arange(s, min(n, s + batch_size), device=device)
+        image_index, text_index = flat // num_texts, flat % num_texts
+        scores = score_fn(image_index, text_index)
+        if scores.shape != (len(flat),):
+            raise ValueError(f"score_fn must return shape ({len(flat)},), got {tuple(scores.shape)}")
+        out.append(scores.detach().float().cpu())
+    return torch.cat(out).view(num_images, num_texts) if out else torch.zeros(num_images, num_texts)

@@ -26,7 +26,6 @@ from vlp.eval.retrieval import chance_recall
 from vlp.models.base import OptimConfig, VLPModule
 from vlp.models.outputs import VLPOutput
 from vlp.objectives.base import Objective
-from vlp.objectives.distributed import gather_no_grad
 
 
 @dataclass
@@ -113,6 +112,12 @@ class ALBEF(VLPModule):
         tokens = getattr(self, "image_encoder" + s)(image).tokens  # (B, Li, Dv)
         return tokens, F.normalize(getattr(self, "image_proj" + s)(tokens[:, 0]), dim=-1)
 
+    def embed_image(self, image: torch.Tensor, token_type: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task heads' view of the image side (NLVR2's right image): ViT tokens (B, Li, Dv)
+        and the ITC feature. ALBEF has no image token types; ``token_type`` is accepted and
+        ignored (NLVR2's concatenation keeps the pair ordered)."""
+        return self.encode_image(image)
+
     def encode_text(
         self, input_ids: torch.Tensor, mask: torch.Tensor, momentum: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +180,7 @@ class ALBEF(VLPModule):
             image_embeds=image_embeds,
             text_embeds=text_embeds,
         )
-        if any(o.name == "itm" for o in self.objectives):
+        if any("fused_cls" in o.requires for o in self.objectives_for(batch)):
             out.fused_cls = self.match_features(text_tokens, mask, image_tokens)  # (B, Dt)
         if self.use_momentum and self.training:
             with torch.no_grad():
@@ -241,40 +246,17 @@ class ALBEF(VLPModule):
             accs.append(torch.cat(hits).float().mean().item())
         return 100 * sum(accs) / 2
 
-    def _gathered(self, parts: list) -> tuple[torch.Tensor, ...]:
-        """Concatenate the stored batches, gather across ranks, de-duplicate images by id."""
-        lt = max(p[3].shape[1] for p in parts)  # batches are padded to their own longest text
-        parts = [
-            (*p[:3], F.pad(p[3], (0, 0, 0, lt - p[3].shape[1])), F.pad(p[4], (0, lt - p[4].shape[1])), *p[5:])
-            for p in parts
-        ]
-        cols = [torch.cat([p[i] for p in parts]) for i in range(7)]
-        image_tokens, image_embeds, image_id, text_tokens, text_mask, text_embeds, text_image_id = cols
-        lt = text_tokens.shape[1]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # pad text to a common length before gathering
-            width = int(gather_no_grad(torch.tensor([lt], device=self.device)).max())
-            text_tokens = F.pad(text_tokens, (0, 0, 0, width - lt))
-            text_mask = F.pad(text_mask, (0, width - lt))
-            image_tokens, image_embeds, image_id, text_tokens, text_mask, text_embeds, text_image_id = (
-                gather_no_grad(t)
-                for t in (image_tokens, image_embeds, image_id, text_tokens, text_mask, text_embeds, text_image_id)
-            )
-        ids, first = _unique_first(image_id)
-        return image_tokens[first], image_embeds[first], ids, text_tokens, text_mask, text_embeds, text_image_id
-
     @torch.no_grad()
     def _eval_epoch_end(self, stage: str) -> None:
-        from vlp.eval.retrieval import format_rerank_table, rerank_topk, retrieval_scores
+        from vlp.eval.retrieval import format_rerank_table, gather_pair_tokens, rerank_topk, retrieval_scores
 
         names = self._source_names(stage)
         itm = next((o for o in self.objectives if o.name == "itm"), None)
         for key in sorted(k for k in self._eval if k.startswith(stage + "_")):
             idx = int(key.rsplit("_", 1)[1])
-            image_tokens, image_embeds, image_ids, text_tokens, text_mask, text_embeds, text_image_id = self._gathered(
+            image_tokens, image_embeds, image_ids, text_tokens, text_mask, text_embeds, index = gather_pair_tokens(
                 self._eval.pop(key)
-            )
-            index = torch.searchsorted(image_ids, text_image_id)  # (Nt,) image row of each text
+            )  # index: (Nt,) image row of each text
             sims = image_embeds @ text_embeds.T  # (Ni, Nt)
             reranked = None
             if itm is not None:
@@ -295,23 +277,13 @@ class ALBEF(VLPModule):
                 scores["itm_acc"] = self._itm_accuracy(itm, sims, index, image_tokens, text_tokens, text_mask)
             prefix = stage if len(names) <= 1 else f"{stage}/{names[idx]}"
             self.log_dict({f"{prefix}/{k}": v for k, v in scores.items()}, rank_zero_only=True)
-            chance = chance_recall(len(image_ids), len(text_image_id))
+            chance = chance_recall(len(image_ids), len(index))
             self.results[prefix] = {
                 "scores": scores,
                 "chance": chance,
                 "num_images": len(image_ids),
-                "num_texts": len(text_image_id),
+                "num_texts": len(index),
             }
             if stage == "test":
-                title = (
-                    f"{names[idx] if names else stage} retrieval ({len(image_ids)} images, {len(text_image_id)} texts)"
-                )
+                title = f"{names[idx] if names else stage} retrieval ({len(image_ids)} images, {len(index)} texts)"
                 self.report("\n" + format_rerank_table(scores, chance, title=title, k=self.rerank_k) + "\n")
-
-
-def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted unique ids and the position of each one's first occurrence."""
-    uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-    first = torch.full((len(uniq),), len(ids), dtype=torch.long, device=ids.device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
-    return uniq, first

@@ -118,6 +118,7 @@ class VLPModule(pl.LightningModule):
         self.init_from = init_from
         self._checked_modalities: set = set()
         self.results: dict[str, dict] = {}  # evaluation results by "<stage>[/<source>]"
+        self._task_metrics: dict[str, tuple] = {}  # "<stage>_<source>" → (task head, its metric)
         for objective in self.objectives:
             objective.check(self.output_type, type(self).__name__)
 
@@ -238,12 +239,43 @@ class VLPModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # -- evaluation: families implement _eval_step / _eval_epoch_end per stage ------------
+    # -- evaluation ---------------------------------------------------------------------------
+    # A batch whose modality a task head (an objective with ``evaluate``: VQA, NLVR2, VE,
+    # Retrieval) handles is evaluated by that head, whatever the family; other batches go to
+    # the family's own _eval_step / _eval_epoch_end.
+    def task_head(self, modality: str) -> Objective | None:
+        """The objective that evaluates ``modality`` batches, if any."""
+        return next((o for o in self.objectives if modality in o.modalities and hasattr(o, "evaluate")), None)
+
     def _eval_step(self, stage: str, batch: dict, idx: int) -> None:
-        raise ConfigError(f"{type(self).__name__} has no {stage} evaluation")
+        raise ConfigError(f"{type(self).__name__} has no {stage} evaluation for {batch.get('modality')!r} data")
 
     def _eval_epoch_end(self, stage: str) -> None:
         pass
+
+    @torch.no_grad()
+    def _eval_batch(self, stage: str, batch: dict, idx: int) -> None:
+        head = self.task_head(batch.get("modality", "pair"))
+        if head is None:
+            self._eval_step(stage, batch, idx)
+            return
+        key = f"{stage}_{idx}"
+        if key not in self._task_metrics:
+            self._task_metrics[key] = (head, head.new_metric().to(self.device))
+        head.evaluate(self._task_metrics[key][1], self(batch), batch, self)
+
+    def _task_epoch_end(self, stage: str) -> None:
+        """Summarise, log and (on test) print every task head's metric of ``stage``."""
+        names = self._source_names(stage)
+        for key in sorted(k for k in self._task_metrics if k.startswith(stage + "_")):
+            (head, metric), idx = self._task_metrics.pop(key), int(key.rsplit("_", 1)[1])
+            prefix = stage if len(names) <= 1 else f"{stage}/{names[idx]}"
+            title = f"{names[idx] if names else stage}: {head.name} ({type(self).__name__})"
+            scores, table = head.summarize(metric, title=title)
+            self.log_dict({f"{prefix}/{head.name}_{k}": v for k, v in scores.items()}, rank_zero_only=True)
+            self.results[prefix] = {"scores": scores, "task": head.name, "chance": head.chance}
+            if stage == "test":
+                self.report("\n" + table + "\n")
 
     def _source_names(self, stage: str) -> list[str]:
         """Names of the evaluation sources (one per DataLoader) of ``stage``."""
@@ -251,15 +283,17 @@ class VLPModule(pl.LightningModule):
         return dm.eval_source_names(stage) if hasattr(dm, "eval_source_names") else []
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("val", batch, dataloader_idx)
+        self._eval_batch("val", batch, dataloader_idx)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("test", batch, dataloader_idx)
+        self._eval_batch("test", batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
+        self._task_epoch_end("val")
         self._eval_epoch_end("val")
 
     def on_test_epoch_end(self) -> None:
+        self._task_epoch_end("test")
         self._eval_epoch_end("test")
 
     # -- reporting ------------------------------------------------------------------------

@@ -113,7 +113,6 @@ class METER(VLPModule):
                     f"but METER's fused text has width {hidden_size}; use MLM(tie_weights: false)"
                 )
         self._eval: dict[str, dict[str, float]] = {}
-        self._task_metrics: dict[str, tuple] = {}  # "<stage>_<source>" → (head, torchmetrics metric)
 
     # -- the model ------------------------------------------------------------------------
     def embed_image(self, image: torch.Tensor, token_type: int = 1, **mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,19 +162,9 @@ class METER(VLPModule):
             out.text_embeds = F.normalize(self.text_itc_proj(text_pooled), dim=-1)
         return out
 
-    # -- evaluation: task heads on their modality, else ITM / MLM accuracy on pairs --------
-    def _task_head(self, modality: str):
-        return next((o for o in self.objectives if modality in o.modalities and hasattr(o, "evaluate")), None)
-
+    # -- evaluation (batches without a task head): ITM / MLM accuracy on pairs ---------------
     @torch.no_grad()
     def _eval_step(self, stage: str, batch: dict, idx: int) -> None:
-        head = self._task_head(batch["modality"])
-        if head is not None:
-            key = f"{stage}_{idx}"
-            if key not in self._task_metrics:
-                self._task_metrics[key] = (head, head.new_metric().to(self.device))
-            head.evaluate(self._task_metrics[key][1], self(batch), batch, self)
-            return
         if batch["modality"] not in ("pair", "retrieval"):
             raise ConfigError(
                 f"METER has no task head for {batch['modality']!r} data (objectives: {[o.name for o in self.objectives]})"
@@ -208,15 +197,6 @@ class METER(VLPModule):
 
     def _eval_epoch_end(self, stage: str) -> None:
         names = self._source_names(stage)
-        for key in sorted(k for k in self._task_metrics if k.startswith(stage + "_")):
-            (head, metric), idx = self._task_metrics.pop(key), int(key.rsplit("_", 1)[1])
-            prefix = stage if len(names) <= 1 else f"{stage}/{names[idx]}"
-            title = f"{names[idx] if names else stage}: {head.name} ({type(self).__name__})"
-            scores, table = head.summarize(metric, title=title)
-            self.log_dict({f"{prefix}/{head.name}_{k}": v for k, v in scores.items()}, rank_zero_only=True)
-            self.results[prefix] = {"scores": scores, "task": head.name, "chance": head.chance}
-            if stage == "test":
-                self.report("\n" + table + "\n")
         for key in sorted(k for k in self._eval if k.startswith(stage + "_")):
             stats, idx = self._eval.pop(key), int(key.rsplit("_", 1)[1])
             stats = self._all_reduce(stats)

@@ -5,7 +5,7 @@ from vlp.objectives.base import Objective
 from vlp.objectives.distributed import gather_no_grad, gather_with_grad, world_info
 from vlp.objectives.itc import ITC
 from vlp.objectives.mim import MIM
-from vlp.objectives.tasks import NLVR2, VE, VQA
+from vlp.objectives.tasks import NLVR2, VE, VQA, Retrieval
 
 __all__ = [
     "ITC",
@@ -15,6 +15,7 @@ __all__ = [
     "MomentumITC",
     "NLVR2",
     "Objective",
+    "Retrieval",
     "VE",
     "VQA",
     "gather_no_grad",

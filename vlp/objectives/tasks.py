@@ -12,6 +12,8 @@ ALBEF's fused CLS), so the same head fine-tunes every fusion family.
 * :class:`NLVR2`: two images and one sentence, true or false. As in METER's "pair"
   setting, the sentence is fused with each image (the second one with its own
   token-type embedding) and the two match features are concatenated.
+* :class:`Retrieval`: image-text retrieval fine-tuning (a ranking loss on the ITM score,
+  ViLT/METER) and R@K evaluation by the fusion model (ITC top-k re-ranked, or all pairs).
 
 Evaluation protocol (used by the models' ``_eval_step``): ``metric = head.new_metric()``,
 ``head.evaluate(metric, output, batch, model)`` per batch, ``head.summarize(metric)`` →
@@ -254,3 +256,182 @@ class NLVR2(Objective):
     def summarize(self, metric: ClassificationAccuracy, title: str = "") -> tuple[dict[str, float], str]:
         acc = float(metric.compute())
         return {"acc": acc}, (f"{title}\n" if title else "") + f"accuracy {acc:.2f}% (chance 50.00)"
+
+
+class PairCache:
+    """What a Retrieval head keeps over an evaluation epoch: the tokens (and, when the model
+    has them, ITC features) of every image and caption, for pair scoring at the end."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple] = []
+        self.model: nn.Module | None = None
+
+    def to(self, device) -> PairCache:  # the models move metrics to their device
+        return self
+
+
+class Retrieval(Objective):
+    """Image-text retrieval fine-tuning and evaluation for any fusion model ("irtr").
+
+    **Training** (ViLT/METER): a ranking loss on the ITM head's match logit. With
+    ``direction="i2t"`` (METER's choice) each image in the batch is fused with one of its own
+    captions and with ``negatives`` captions of other images (other ``image_id``s; drawn
+    uniformly, vectorised), and the positive must score highest: cross-entropy over the
+    1 + negatives candidates. ``"t2i"`` ranks images for each caption instead. Negatives come
+    from the batch (METER draws 15 false captions from the dataset); a batch that has fewer
+    valid negatives for some query uses that smaller number for all its queries.
+
+    **Evaluation** on ``retrieval`` (several captions per image) or ``pair`` data: the whole
+    split's tokens are kept; at the end, with ITC features (ALBEF, METER with ITC) and ``k``
+    set, the ITC top-``k`` candidates of every query are re-ranked by the ITM score and both
+    rankings are reported; otherwise every (image, caption) pair of the split is scored by
+    the fusion model (METER's protocol: Ni x Nt fused pairs, so use
+    ``trainer.limit_{val,test}_batches`` for a quick check on CPU). TR/IR R@1/5/10 and the
+    mean, with several captions per image (COCO/Flickr protocol).
+
+    The scorer is the model's ITM objective (``ITM.score``, the "match" logit), which must be
+    among the objectives; ``vlp convert meter`` loads METER's ``rank_output`` into it.
+
+    Args:
+        negatives: negatives per query in training (METER: 15).
+        direction: ``"i2t"`` (images rank captions) or ``"t2i"``.
+        k: candidates re-ranked per query when the model has ITC features; None scores all pairs.
+        max_images: evaluate on the first ``max_images`` images of the split (by image id)
+            and their captions; None: all. All-pairs scoring costs Ni x Nt fused pairs, so
+            CPU recipes rank a subset; the table says which.
+        batch_size: fused pairs per forward pass in evaluation.
+    """
+
+    name = "irtr"
+    modalities = ("pair", "retrieval")
+    requires = ("image_tokens", "text_tokens", "text_mask")
+    requires_batch = ("image_id", "text_image_id")
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        *,
+        negatives: int = 15,
+        direction: str = "i2t",
+        k: int | None = 128,
+        max_images: int | None = None,
+        batch_size: int = 256,
+    ) -> None:
+        super().__init__(weight)
+        if direction not in ("i2t", "t2i"):
+            raise ConfigError(f"Retrieval direction must be 'i2t' or 't2i', got {direction!r}")
+        if negatives < 1:
+            raise ConfigError(f"Retrieval needs at least one negative, got negatives={negatives}")
+        if max_images is not None and max_images < 1:
+            raise ConfigError(f"Retrieval max_images must be >= 1 or null, got {max_images}")
+        self.negatives, self.direction, self.k, self.batch_size = negatives, direction, k, batch_size
+        self.max_images = max_images
+        self.chance: dict[str, float] = {}
+
+    @staticmethod
+    def scorer(model) -> Objective:
+        itm = next((o for o in getattr(model, "objectives", ()) if o.name == "itm"), None)
+        if itm is None:
+            raise ConfigError(
+                "Retrieval ranks pairs with the ITM head's match logit: add vlp.objectives.ITM to the objectives"
+            )
+        return itm
+
+    def candidates(self, image_id: torch.Tensor, text_image_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image rows (Q, 1 + n), text rows (Q, 1 + n)) of each query's candidates, the
+        positive first; ``n = min(negatives, fewest valid negatives of any query)``."""
+        own = text_image_id.view(-1)[:, None] == image_id.view(-1)[None, :]  # (T, B) text t belongs to image b
+        if not own.any(1).all():
+            raise ConfigError("Retrieval: a caption's image_id is not among the batch's images")
+        if self.direction == "t2i":
+            queries = torch.arange(own.shape[0], device=own.device)  # (Q,) texts
+            positive = own.float().argmax(1)  # (Q,) the owner image
+            valid = ~own  # (Q, B) images of another id
+        else:
+            has_text = own.any(0)  # (B,) images with a caption in the batch
+            queries = has_text.nonzero().view(-1)  # (Q,) images
+            positive = torch.multinomial(own.T[queries].float(), 1).view(-1)  # (Q,) one own caption each
+            valid = ~own.T[queries]  # (Q, T) captions of other ids
+        n = min(self.negatives, int(valid.sum(1).min()))
+        others = (
+            torch.multinomial(valid.float(), n) if n > 0 else positive.new_zeros(len(queries), 0)
+        )  # (Q, n) uniform, without replacement
+        picked = torch.cat([positive[:, None], others], 1)  # (Q, 1 + n)
+        rows = queries[:, None].expand_as(picked)
+        return (rows, picked) if self.direction == "i2t" else (picked, rows)
+
+    def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        itm = self.scorer(model)
+        images, texts = self.candidates(batch["image_id"], batch["text_image_id"])  # (Q, 1 + n) each
+        i, t = images.reshape(-1), texts.reshape(-1)
+        fused = model.match_features(output.text_tokens[t], output.text_mask[t], output.image_tokens[i])
+        scores = itm.score(fused).view(images.shape)  # (Q, 1 + n), the positive in column 0
+        target = torch.zeros(len(scores), dtype=torch.long, device=scores.device)
+        loss = F.cross_entropy(scores, target)
+        with torch.no_grad():
+            acc = (scores.argmax(1) == 0).float().mean()
+        return {"irtr_loss": loss, "irtr_acc": acc}
+
+    def new_metric(self) -> PairCache:
+        return PairCache()
+
+    @torch.no_grad()
+    def evaluate(self, cache: PairCache, output, batch: dict, model=None) -> None:
+        self.scorer(model)  # fail on the first batch, not after the epoch
+        cache.model = model
+        embeds = (getattr(output, "image_embeds", None), getattr(output, "text_embeds", None))
+        if embeds[0] is None or embeds[1] is None:
+            embeds = (None, None)
+        cache.parts.append(
+            (
+                output.image_tokens,
+                embeds[0],
+                batch["image_id"].view(-1),
+                output.text_tokens,
+                output.text_mask,
+                embeds[1],
+                batch["text_image_id"].view(-1),
+            )
+        )
+
+    @torch.no_grad()
+    def summarize(self, cache: PairCache, title: str = "") -> tuple[dict[str, float], str]:
+        from vlp.eval.retrieval import (
+            chance_recall,
+            format_rerank_table,
+            format_table,
+            gather_pair_tokens,
+            recall_at_k,
+            rerank_topk,
+            retrieval_scores,
+            score_all_pairs,
+        )
+
+        model, itm = cache.model, self.scorer(cache.model)
+        image_tokens, image_embeds, ids, text_tokens, text_mask, text_embeds, index = gather_pair_tokens(cache.parts)
+        cache.parts.clear()
+        subset = ""
+        if self.max_images is not None and self.max_images < len(ids):
+            subset = f"the first {self.max_images} of {len(ids)} images: "
+            keep = index < self.max_images  # (Nt,) captions of the kept images (ids are sorted)
+            image_tokens, ids = image_tokens[: self.max_images], ids[: self.max_images]
+            image_embeds = image_embeds[: self.max_images] if image_embeds is not None else None
+            text_tokens, text_mask, index = text_tokens[keep], text_mask[keep], index[keep]
+            text_embeds = text_embeds[keep] if text_embeds is not None else None
+
+        def score(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return itm.score(model.match_features(text_tokens[t], text_mask[t], image_tokens[i]))  # (n,)
+
+        ni, nt = len(ids), len(index)
+        self.chance = chance_recall(ni, nt)
+        head = f"{title} " if title else ""
+        if image_embeds is not None and self.k is not None:
+            sims = image_embeds @ text_embeds.T  # (Ni, Nt)
+            reranked = rerank_topk(sims, self.k, score, batch_size=self.batch_size)
+            scores = retrieval_scores(sims, index, reranked)
+            title = f"{head}({subset}{ni} images, {nt} texts; ITC top-{self.k} re-ranked by ITM)"
+            return scores, format_rerank_table(scores, self.chance, title=title, k=self.k)
+        sims = score_all_pairs(ni, nt, score, batch_size=self.batch_size, device=image_tokens.device)  # (Ni, Nt)
+        scores = recall_at_k(sims, index.cpu())
+        title = f"{head}({subset}{ni} images, {nt} texts; ITM over all {ni * nt} pairs)"
+        return scores, format_table(scores, self.chance, title=title)
