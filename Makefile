@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 SHAPES ?= data/shapes
 
-.PHONY: install test demo demo-albef demo-meter bench lint data clean
+.PHONY: install test demo demo-albef demo-meter demo-meter-encdec bench lint data clean
 
 install: $(STAMP)
 
@@ -49,6 +49,15 @@ demo-meter: data
 	$(VLP) fit --config recipes/finetune/tiny_meter_vqa.yaml --config recipes/ablations/meter_tiny_merged_vqa.yaml
 	$(VLP) test --ckpt runs/tiny_meter_merged_vqa/checkpoints/last.ckpt
 	$(VLP) compare runs/tiny_meter_vqa runs/tiny_meter_merged_vqa --names co-attention,merged
+
+# METER encoder-only vs encoder-decoder (after demo-meter, whose co-attention VQA run it is
+# compared with): pretrain with DenoisingLM + GenerativeITM, fine-tune the decoder to write
+# VQA answers (~25 min on 2 CPU cores)
+demo-meter-encdec: data
+	$(VLP) fit --config recipes/tiny/meter.yaml --config recipes/ablations/meter_tiny_encdec.yaml
+	$(VLP) fit --config recipes/finetune/tiny_meter_vqa.yaml --config recipes/ablations/meter_tiny_encdec_vqa.yaml
+	$(VLP) test --ckpt runs/tiny_meter_encdec_vqa/checkpoints/last.ckpt
+	$(VLP) compare runs/tiny_meter_vqa runs/tiny_meter_encdec_vqa --names encoder-only,encoder-decoder
 
 bench: install
 	$(PY) bench/run.py

@@ -1,6 +1,7 @@
 """METER through the `vlp` command: pretrain a very small METER on shapes, fine-tune it on
 the VQA split from that checkpoint (`init_from`), and `vlp test --ckpt` prints the VQA table
-by question type beside the majority baseline."""
+by question type beside the majority baseline; the pretrained checkpoint tested with a
+retrieval recipe keeps its ITM head."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def small(recipe: str, root: Path, **data) -> dict:
     model["fusion"]["init_args"] = {"dim": W, "depth": 1, "num_heads": 2}
     model["hidden_size"] = W
     for o in model["objectives"]:
-        o["init_args"]["dim"] = 2 * W if o["class_path"].endswith(("ITM", "VQA")) else W
+        if "dim" in o["init_args"] or o["class_path"].endswith(("ITM", "VQA", "MLM")):
+            o["init_args"]["dim"] = 2 * W if o["class_path"].endswith(("ITM", "VQA")) else W
         if o["class_path"].endswith("VQA"):
             o["init_args"]["answers"] = str(root / "shapes" / "info.json")
     m = root / "shapes" / "manifests"
@@ -45,13 +47,18 @@ def small(recipe: str, root: Path, **data) -> dict:
     return cfg
 
 
-def test_pretrain_then_vqa_fine_tune_then_test(workdir, capsys):
+@pytest.fixture(scope="module")
+def pretrained(workdir) -> Path:
     pre = small("recipes/tiny/meter.yaml", workdir)
     (workdir / "pre.yaml").write_text(yaml.safe_dump(pre, sort_keys=False))
     cli = run_in(workdir / "pre", ["fit", "--config", str(workdir / "pre.yaml")])
     scores = cli.model.results["val"]["scores"]
     assert set(scores) == {"itm_acc", "mlm_acc"}
-    ckpt = workdir / "pre" / "checkpoints" / "last.ckpt"
+    return workdir / "pre" / "checkpoints" / "last.ckpt"
+
+
+def test_pretrain_then_vqa_fine_tune_then_test(workdir, pretrained, capsys):
+    ckpt = pretrained
 
     ft = small("recipes/finetune/tiny_meter_vqa.yaml", workdir)
     ft["model"]["init_args"]["init_from"] = str(ckpt)
@@ -76,3 +83,20 @@ def test_pretrain_then_vqa_fine_tune_then_test(workdir, capsys):
     key = "fusion.text_layers.0.attn.qkv.weight"
     torch.testing.assert_close(test.model.state_dict()[key], fit.model.state_dict()[key])
     assert not torch.equal(state[key], fit.model.state_dict()[key])
+
+
+def test_test_a_pretrained_checkpoint_with_a_retrieval_recipe(workdir, pretrained, capsys):
+    """`vlp test --config RECIPE --ckpt PRETRAINED`: the recipe lists [ITM, Retrieval], the
+    checkpoint [MLM, ITM]; the ITM head loads by name and the MLM head is reported unused."""
+    cfg = small("recipes/finetune/tiny_meter_retrieval.yaml", workdir)
+    cfg["model"]["init_args"]["objectives"][1]["init_args"]["max_images"] = 20
+    (workdir / "ret.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    capsys.readouterr()
+    args = ["test", "--config", str(workdir / "ret.yaml"), "--ckpt", str(pretrained)]
+    test = run_in(workdir / "ret", [*args, "--trainer.enable_progress_bar=false"])
+    out = capsys.readouterr().out
+    assert "heads of objectives ['mlm'] are not in this recipe" in out
+    assert "the first 20 of" in out and "ITM over all" in out
+    state = torch.load(pretrained, weights_only=True)["state_dict"]
+    torch.testing.assert_close(test.model.objectives[0].head.weight, state["objectives.1.head.weight"])
+    assert set(test.model.results["test"]["scores"]) >= {"i2t_r1", "t2i_r1", "rmean"}

@@ -63,11 +63,23 @@ def test_ablation_stacks_on_its_base(ablation, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     model = printed["model"]["init_args"]
     names = [o["class_path"].rsplit(".", 1)[1] for o in model["objectives"]]
+    encdec = "_encdec" in ablation.name
     if ablation.name.endswith("_vqa.yaml"):
-        assert names == ["VQA"] and model["init_from"].endswith("tiny_meter_merged/checkpoints/last.ckpt")
+        pretrained = "tiny_meter_encdec" if encdec else "tiny_meter_merged"
+        assert names == (["GenerativeVQA"] if encdec else ["VQA"])
+        assert model["init_from"].endswith(f"{pretrained}/checkpoints/last.ckpt")
+    elif encdec:
+        assert names == ["DenoisingLM", "GenerativeITM"]
     if ablation.name.startswith("meter"):
+        assert (model.get("decoder") is not None) == encdec
         assert ("ITC" in names) == ("_itc" in ablation.name)
-        assert ("ITM" in names) == ("_itm" in ablation.name or ablation.name.endswith("_merged.yaml"))
+        keeps_objectives = ablation.name.endswith(("_merged.yaml", "_swin_roberta.yaml"))
+        assert ("ITM" in names) == ("_itm" in ablation.name or keeps_objectives)
+        swin = model["image_encoder"]["init_args"].get("name", "").startswith("swin")
+        assert swin == ("_swin" in ablation.name)
+        if swin:  # METER's Swin setting: the average token in front, 384 px, ImageNet statistics
+            assert model["image_encoder"]["init_args"]["prepend_pooled"] is True
+            assert printed["data"]["init_args"]["image_size"] == 384
         assert ("MIM" in names) == ("_mim" in ablation.name)
         assert model["fusion"]["class_path"].endswith("MergedAttentionFusion") == ("merged" in ablation.name)
     else:
@@ -128,8 +140,33 @@ def test_tiny_meter_ablations_build_and_train_a_step(ablation):
     assert all(p.grad is not None for p in fused.parameters())
     extra = [name for name in ("itc", "mim") if f"_{name}" in ablation.name]
     assert [o.name for o in model.objectives] == (
-        ["mlm"] if ablation.name.endswith("_mlm.yaml") else ["mlm", "itm", *extra]
+        ["mlm"]
+        if ablation.name.endswith("_mlm.yaml")
+        else ["dlm", "itm"]
+        if "_encdec" in ablation.name
+        else ["mlm", "itm", *extra]
     )
+    if "_encdec" in ablation.name:
+        assert all(p.grad is not None for p in model.decoder.parameters())
+
+
+def test_tiny_encoder_decoder_vqa_recipe_trains_and_answers_in_words(capsys):
+    model = _build(REPO / "recipes/finetune/tiny_meter_vqa.yaml", REPO / "recipes/ablations/meter_tiny_encdec_vqa.yaml")
+    vqa = model.objectives[0]
+    assert vqa.name == "vqa" and model.text_pooler is None and vqa.max_answer_tokens == 4
+    b = {**pair_batch(), "modality": "vqa", "question_type": ["color", "count", "exist", "spatial"]}
+    b["answers"] = [["red"] * 10, ["2"] * 10, ["yes"] * 10, ["left"] * 10]
+    model.train()
+    model.training_step(b, 0).backward()
+    assert all(p.grad is not None for p in model.decoder.parameters())
+    model.eval()
+    with torch.no_grad():
+        answers = vqa.answer(model(b), model)
+    assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
+    model.test_step(b, 0)
+    model.on_test_epoch_end()
+    assert set(model.results["test"]["scores"]) == {"overall", "color", "count", "exist", "spatial"}
+    assert "baseline" in capsys.readouterr().out
 
 
 def test_tiny_meter_retrieval_recipe_trains_and_ranks_a_subset(capsys):

@@ -32,7 +32,7 @@ def _build_cli_class():
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from vlp.models.base import VLPModule
-    from vlp.utils.checkpoint import load_state_dict
+    from vlp.utils.checkpoint import match_objectives, objective_names_of, read_checkpoint, state_dict_of
 
     class ConfigToCheckpoint(SaveConfigCallback):
         """Saves config.yaml to the log dir and the same YAML text into every checkpoint."""
@@ -58,14 +58,28 @@ def _build_cli_class():
         def _load_weights(self) -> None:
             if not self.weights:
                 return
-            state = load_state_dict(self.weights)
+            ckpt = read_checkpoint(self.weights)
+            state = state_dict_of(ckpt, self.weights)
+            saved = objective_names_of(ckpt)
+            if saved is not None:  # a recipe given with --config may list other objectives
+                state = match_objectives(state, saved, [o.name for o in self.model.objectives])
             result = self.model.load_state_dict(state, strict=False)
-            if result.missing_keys or result.unexpected_keys:
+            unused = sorted(
+                {
+                    k.split("]", 1)[0][len("objectives[") :]
+                    for k in result.unexpected_keys
+                    if k.startswith("objectives[")
+                }
+            )
+            unexpected = [k for k in result.unexpected_keys if not k.startswith("objectives[")]
+            if result.missing_keys or unexpected:
                 raise CheckpointError(
                     f"checkpoint {self.weights} does not fit {type(self.model).__name__}: "
                     f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:5]}), "
-                    f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:5]})"
+                    f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]})"
                 )
+            if unused:
+                print(f"{self.weights}: heads of objectives {unused} are not in this recipe (not used)", flush=True)
 
         before_validate = before_test = before_predict = _load_weights
 

@@ -79,6 +79,16 @@ def test_swin_nhwc_features_become_row_major_tokens():
     torch.testing.assert_close(out.tokens[:, 4], features[:, 1, 0])
 
 
+def test_swin_with_the_average_token_in_front_as_meter():
+    enc = timm_encoder({**SWIN, "pool": "avg", "prepend_pooled": True}).eval()
+    x = images()
+    out, features = enc(x), enc.model.forward_features(x)  # (B, 4, 4, C)
+    assert out.tokens.shape == (2, 17, 32)
+    torch.testing.assert_close(out.tokens[:, 0], features.mean((1, 2)))  # METER's avgpool token
+    torch.testing.assert_close(out.tokens[:, 0], out.pooled)
+    torch.testing.assert_close(out.tokens[:, 2], features[:, 0, 1])
+
+
 def test_convnet_nchw_features_become_row_major_tokens():
     enc = timm_encoder(RESNET).eval()
     x = images(size=64)

@@ -62,6 +62,18 @@ def batch(seed: int = 0, modality: str = "pair") -> dict:
     }
 
 
+def step_reaches_every_parameter(model, b: dict) -> torch.Tensor:
+    """One training step on ``b``: the loss is finite and every parameter gets a non-zero
+    gradient. → the loss."""
+    model.train()
+    loss = model.training_step(b, 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, missing
+    return loss
+
+
 @pytest.mark.parametrize("fusion", ["co", "merged"])
 def test_every_parameter_gets_a_gradient(fusion):
     model = tiny_meter(
@@ -72,12 +84,7 @@ def test_every_parameter_gets_a_gradient(fusion):
             ITC(),
         ],
     )
-    model.train()
-    loss = model.training_step(batch(), 0)
-    assert torch.isfinite(loss)
-    loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
-    assert not missing, missing
+    step_reaches_every_parameter(model, batch())
 
 
 @pytest.mark.parametrize("fusion", ["co", "merged"])
@@ -262,11 +269,7 @@ def test_mim_regresses_masked_patches_through_the_fusion():
     mask[:, 0] = True
     mask[1, 3] = True
     b["image_mask"] = mask
-    model.train()
-    loss = model.training_step(b, 0)
-    loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
-    assert not missing, missing
+    step_reaches_every_parameter(model, b)
     # the loss by hand: per-patch normalised pixels of the masked patches
     mim = model.objectives[2]
     model.eval()
@@ -279,3 +282,27 @@ def test_mim_regresses_masked_patches_through_the_fusion():
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
         error = (mim.head(fused) - target).pow(2).mean(-1)
         torch.testing.assert_close(mim(out, b, model)["mim_loss"], error[mask].mean())
+
+
+def test_meter_on_a_swin_tower_pools_its_average_token():
+    """METER's Swin setting: the average of the Swin tokens is prepended and pooled."""
+    torch.manual_seed(0)
+    swin = TimmVisionEncoder(
+        "swin_tiny_patch4_window7_224",
+        img_size=32,
+        pool="avg",
+        prepend_pooled=True,
+        model_kwargs=dict(patch_size=4, window_size=4, embed_dim=12, depths=(1, 1), num_heads=(1, 2)),
+    )
+    ref = tiny_meter()
+    model = METER(swin, ref.text_encoder, ref.fusion, ref.objectives, hidden_size=D)
+    b = batch()
+    model.train()
+    loss = model.training_step(b, 0)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    with torch.no_grad():
+        tokens, pooled = model.embed_image(b["image"])
+        assert tokens.shape == (B, 1 + 16, D)  # 4x4 Swin tokens after one merge, plus the average
+        torch.testing.assert_close(tokens[:, 0], model.image_proj(pooled) + model.token_type.weight[1])

@@ -42,6 +42,19 @@ class Tokenizer:
         """(B, L) bool, True for special and padding tokens (never masked for MLM)."""
         raise NotImplementedError
 
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Texts of rows of token ids (B, L), special and padding tokens dropped."""
+        raise NotImplementedError
+
+    @property
+    def start_end_ids(self) -> tuple[int, int]:
+        """The ids every tokenized text starts and ends with (BERT [CLS]/[SEP], RoBERTa
+        <s>/</s>, CLIP <start_of_text>/<end_of_text>): a decoder's start and stop tokens."""
+        ids = self([""])["input_ids"][0]
+        if len(ids) < 2:
+            raise ConfigError(f"{type(self).__name__}: texts have no start and end tokens")
+        return int(ids[0]), int(ids[-1])
+
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer.
@@ -106,6 +119,9 @@ class HFTokenizer(Tokenizer):
         special = torch.tensor(sorted(set(self.tok.all_special_ids)), dtype=input_ids.dtype)
         return torch.isin(input_ids, special)
 
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return [t.strip() for t in self.tok.batch_decode(ids.tolist(), skip_special_tokens=True)]
+
 
 class OpenCLIPTokenizer(Tokenizer):
     """open_clip's tokenizer for ``model_name`` (e.g. ``ViT-B-32``: OpenAI BPE, 77 tokens).
@@ -146,3 +162,7 @@ class OpenCLIPTokenizer(Tokenizer):
         eot = getattr(self.tok, "eot_token_id", None)
         special = torch.tensor([t for t in (self.pad_token_id, sot, eot) if t is not None])
         return torch.isin(input_ids, special.to(input_ids.dtype))
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        special = self.special_tokens_mask(ids)
+        return [self.tok.decode(row[~keep].tolist()).strip() for row, keep in zip(ids, special, strict=True)]

@@ -187,6 +187,9 @@ class TimmVisionEncoder(GroupedEncoder):
             "cls" (first token) or "avg" (mean of the non-prefix tokens).
         drop_path_rate: stochastic depth rate.
         model_kwargs: extra ``timm.create_model`` arguments (``patch_size``, ``depth``...).
+        prepend_pooled: put the pooled feature in front of the tokens, as METER does for
+            Swin (the average of the patch tokens becomes the first token, which METER's
+            image pooler reads); for towers without a class token.
     """
 
     def __init__(
@@ -198,6 +201,7 @@ class TimmVisionEncoder(GroupedEncoder):
         pool: str = "model",
         drop_path_rate: float = 0.0,
         model_kwargs: dict | None = None,
+        prepend_pooled: bool = False,
     ) -> None:
         super().__init__()
         import timm
@@ -223,6 +227,7 @@ class TimmVisionEncoder(GroupedEncoder):
         if missing:
             raise CheckpointError(f"{weights} does not fit timm model {name}: {missing[0][:300]}")
         self.pool = pool
+        self.prepend_pooled = prepend_pooled
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
         if pool == "cls" and not self.num_prefix_tokens:
             raise ConfigError(f"pool='cls' needs a class token, timm model {name} has none")
@@ -264,6 +269,8 @@ class TimmVisionEncoder(GroupedEncoder):
             pooled = tokens[:, 0]
         else:
             pooled = tokens[:, self.num_prefix_tokens :].mean(dim=1)
+        if self.prepend_pooled:
+            tokens = torch.cat([pooled[:, None].to(tokens.dtype), tokens], 1)  # (B, 1 + L, D)
         return EncoderOutput(tokens=tokens, pooled=pooled)
 
 

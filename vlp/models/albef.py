@@ -57,6 +57,8 @@ class ALBEF(VLPModule):
             (default: the first epoch, as in the paper).
         use_momentum: build the momentum copies (needed by MomentumITC and distillation).
         rerank_k: candidates per query re-ranked by ITM at evaluation (paper: 128/256).
+        decoder: an answer decoder (``vlp.blocks.TextDecoder`` with ``context_dim`` the text
+            width) over the fused text tokens, as ALBEF's VQA; used by ``GenerativeVQA``.
         optim / init_from: see :class:`~vlp.models.base.VLPModule`.
     """
 
@@ -75,6 +77,7 @@ class ALBEF(VLPModule):
         alpha_ramp_steps: int | None = None,
         use_momentum: bool = True,
         rerank_k: int = 128,
+        decoder: nn.Module | None = None,
         optim: OptimConfig | None = None,
         init_from: str | None = None,
     ) -> None:
@@ -82,6 +85,7 @@ class ALBEF(VLPModule):
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.fusion = fusion
+        self.set_decoder(decoder, text_encoder.dim)
         self.image_proj = nn.Linear(image_encoder.dim, embed_dim)
         self.text_proj = nn.Linear(text_encoder.dim, embed_dim)
         self.momentum = momentum
@@ -141,6 +145,13 @@ class ALBEF(VLPModule):
     def match_features(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor):
         """What ITM classifies: the fused CLS token (N, Dt) of each (text, image) pair."""
         return self.fuse(text_tokens, text_mask, image_tokens)[:, 0]
+
+    def decoder_context(
+        self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What an answer decoder attends to (ALBEF's VQA): the fused text tokens (N, Lt, Dt)
+        and the text mask."""
+        return self.fuse(text_tokens, text_mask, image_tokens), text_mask.bool()
 
     def mlm_hidden(
         self, input_ids: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor, momentum: bool = False
@@ -241,8 +252,7 @@ class ALBEF(VLPModule):
             hits = []
             for s in range(0, len(i), chunk):
                 ii, tt = i[s : s + chunk], t[s : s + chunk]
-                fused = self.match_features(text_tokens[tt], text_mask[tt], image_tokens[ii])  # (n, Dt)
-                hits.append(itm.is_match(fused) == label)
+                hits.append(itm.is_match_pairs(self, text_tokens[tt], text_mask[tt], image_tokens[ii]) == label)
             accs.append(torch.cat(hits).float().mean().item())
         return 100 * sum(accs) / 2
 
@@ -268,8 +278,7 @@ class ALBEF(VLPModule):
                     text_mask=text_mask,
                     image_tokens=image_tokens,
                 ) -> torch.Tensor:
-                    fused = self.match_features(text_tokens[t], text_mask[t], image_tokens[i])  # (n, Dt)
-                    return itm.score(fused)  # (n,)
+                    return itm.score_pairs(self, text_tokens[t], text_mask[t], image_tokens[i])  # (n,)
 
                 reranked = rerank_topk(sims, self.rerank_k, score)
             scores = retrieval_scores(sims, index, reranked)

@@ -29,7 +29,14 @@ from vlp.errors import ConfigError
 from vlp.eval.compare import RESULTS_FILE
 from vlp.models.outputs import VLPOutput
 from vlp.objectives.base import Objective
-from vlp.utils.checkpoint import fit_state_to_model, load_state_dict
+from vlp.utils.checkpoint import (
+    OBJECTIVES_KEY,
+    fit_state_to_model,
+    match_objectives,
+    objective_names_of,
+    read_checkpoint,
+    state_dict_of,
+)
 
 log = logging.getLogger("vlp")
 
@@ -121,6 +128,28 @@ class VLPModule(pl.LightningModule):
         self._task_metrics: dict[str, tuple] = {}  # "<stage>_<source>" → (task head, its metric)
         for objective in self.objectives:
             objective.check(self.output_type, type(self).__name__)
+
+    def set_decoder(self, decoder: nn.Module | None, context_dim: int) -> None:
+        """Attach an encoder-decoder model's text decoder (``self.decoder``), read by the
+        generation objectives (``vlp.objectives.generation``) through ``decoder_context``;
+        check that the generation objectives have one and that it fits the context width."""
+        self.decoder = decoder
+        needs = [o for o in self.objectives if getattr(o, "needs_decoder", False)]
+        if needs and decoder is None:
+            raise ConfigError(
+                f"objectives {[type(o).__name__ for o in needs]} generate text and need model.decoder "
+                "(vlp.blocks.TextDecoder)"
+            )
+        if decoder is None:
+            return
+        width = getattr(decoder, "context_dim", context_dim)
+        if width != context_dim:
+            raise ConfigError(
+                f"model.decoder cross-attends to width {width}, but {type(self).__name__}'s decoder context "
+                f"has width {context_dim}: set the decoder's context_dim"
+            )
+        for o in needs:
+            o.check_decoder(decoder)
 
     # -- to implement ---------------------------------------------------------------------
     def forward(self, batch: dict) -> VLPOutput:
@@ -325,6 +354,9 @@ class VLPModule(pl.LightningModule):
             print(text, flush=True)
 
     # -- initialisation from a checkpoint -------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[OBJECTIVES_KEY] = [o.name for o in self.objectives]  # for init_from (by name)
+
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.init_from and not (self.trainer and self.trainer.ckpt_path):
             self.load_init_from(self.init_from)
@@ -334,7 +366,12 @@ class VLPModule(pl.LightningModule):
         resolution are interpolated, queues of another size dropped; missing and unused keys
         are logged. Objectives with an ``on_init_from`` hook then adapt their state (e.g. a
         feature queue forgets the sample ids of the pretraining data)."""
-        state, notes = fit_state_to_model(load_state_dict(path), self, where=f"init_from {path}")
+        ckpt = read_checkpoint(path)
+        state = state_dict_of(ckpt, path)
+        saved = objective_names_of(ckpt)
+        if saved is not None:  # heads follow their objective's name, not its list position
+            state = match_objectives(state, saved, [o.name for o in self.objectives])
+        state, notes = fit_state_to_model(state, self, where=f"init_from {path}")
         missing, unexpected = self.load_state_dict(state, strict=False)
         log.info("init_from %s: %d missing, %d unexpected keys", path, len(missing), len(unexpected))
         for note in notes:

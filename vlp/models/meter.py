@@ -7,12 +7,15 @@ Vision-and-Language Transformers").
              text stream ─► text_pooler ─┐
              image stream ─► image_pooler ┴─► concat (2D) ─► ITM head / task heads
              text stream ─► MLM head
+             both streams ─► decoder (encoder-decoder variant) ─► generated text
 
 Every choice the paper studies is a constructor argument: the towers, the fusion module
 (``vlp.blocks.CoAttentionFusion`` or ``MergedAttentionFusion``), and the objectives
 (``MLM``, ``ITM``, optionally ``ITC``; downstream heads ``VQA``, ``NLVR2``, ``VE`` from
-``vlp.objectives``). Learning rates per part (the paper's 5x for the newly initialised
-top) are ``optim.lr_mult``; freezing is ``optim.freeze``.
+``vlp.objectives``); the encoder-decoder variant adds ``decoder`` and casts the objectives
+as generation (``DenoisingLM``, ``GenerativeITM``, ``GenerativeVQA``). Learning rates per
+part (the paper's 5x for the newly initialised top) are ``optim.lr_mult``; freezing is
+``optim.freeze``.
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ class METER(VLPModule):
         num_token_types: modality-type embeddings: 2 (text 0, image 1); NLVR2 uses a third
             for the second image.
         embed_dim: width of the ITC features (only with an ITC objective).
+        decoder: the encoder-decoder variant's text decoder (``vlp.blocks.TextDecoder`` of
+            context width ``hidden_size``), cross-attending to both fused streams; used by the
+            generation objectives (``DenoisingLM``, ``GenerativeITM``, ``GenerativeVQA``).
         optim / init_from: see :class:`~vlp.models.base.VLPModule`.
     """
 
@@ -82,6 +88,7 @@ class METER(VLPModule):
         hidden_size: int = 768,
         num_token_types: int = 2,
         embed_dim: int = 256,
+        decoder: nn.Module | None = None,
         optim: OptimConfig | None = None,
         init_from: str | None = None,
     ) -> None:
@@ -90,11 +97,14 @@ class METER(VLPModule):
         self.text_encoder = text_encoder
         self.fusion = fusion
         self.hidden_size = hidden_size
+        self.set_decoder(decoder, hidden_size)
         self.image_proj = nn.Linear(image_encoder.dim, hidden_size)  # METER: cross_modal_image_transform
         self.text_proj = nn.Linear(text_encoder.dim, hidden_size)  # METER: cross_modal_text_transform
         self.token_type = nn.Embedding(num_token_types, hidden_size)
-        self.text_pooler = Pooler(hidden_size)
-        self.image_pooler = Pooler(hidden_size)
+        self.text_pooler = self.image_pooler = None
+        if decoder is None or any("fused_cls" in o.requires for o in self.objectives):
+            self.text_pooler = Pooler(hidden_size)  # (an encoder-decoder model needs them only
+            self.image_pooler = Pooler(hidden_size)  # for classification heads)
         names = {o.name for o in self.objectives}
         self.image_itc_proj = self.text_itc_proj = None
         if "itc" in names:
@@ -136,8 +146,20 @@ class METER(VLPModule):
         self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor
     ) -> torch.Tensor:
         """What ITM and the task heads classify: pooled text and image streams, concatenated (N, 2D)."""
+        if self.text_pooler is None:
+            raise ConfigError("this encoder-decoder METER has no poolers: its objectives generate text")
         fused = self.fuse(text_tokens, text_mask, image_tokens)
         return torch.cat([self.text_pooler(fused.text_tokens), self.image_pooler(fused.image_tokens)], dim=-1)
+
+    def decoder_context(
+        self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the decoder attends to: both fused streams, concatenated → (N, Lt + Li, D) and
+        its mask (N, Lt + Li), True at real tokens."""
+        fused = self.fuse(text_tokens, text_mask, image_tokens)
+        image_mask = text_mask.new_ones(image_tokens.shape[:2], dtype=torch.bool)
+        context = torch.cat([fused.text_tokens, fused.image_tokens], 1)
+        return context, torch.cat([text_mask.bool(), image_mask], 1)
 
     def mlm_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """Masked text through the text tower and the fusion → text stream (B, Lt, D)."""
@@ -182,7 +204,7 @@ class METER(VLPModule):
             # every caption with its own image, and with the next image of the batch
             other = (owner + 1) % len(ids)
             for label, images in ((True, owner), (False, other)):
-                hits = itm.is_match(self.match_features(text_tokens, mask, image_tokens[images])) == label
+                hits = itm.is_match_pairs(self, text_tokens, mask, image_tokens[images]) == label
                 stats[f"itm_{label}_hits"] = stats.get(f"itm_{label}_hits", 0.0) + float(hits.sum())
                 stats[f"itm_{label}_n"] = stats.get(f"itm_{label}_n", 0.0) + hits.numel()
         mlm = next((o for o in self.objectives if o.name == "mlm"), None)
@@ -194,6 +216,11 @@ class METER(VLPModule):
             hits = mlm.head(hidden, emb).argmax(-1) == labels[target]
             stats["mlm_hits"] = stats.get("mlm_hits", 0.0) + float(hits.sum())
             stats["mlm_n"] = stats.get("mlm_n", 0.0) + hits.numel()
+        dlm = next((o for o in self.objectives if o.name == "dlm"), None)
+        if dlm is not None and "mlm_labels" in batch:
+            hits, n = dlm.masked_hits(self, {**batch, "text_mask": mask}, image_tokens[owner])
+            stats["dlm_hits"] = stats.get("dlm_hits", 0.0) + hits
+            stats["dlm_n"] = stats.get("dlm_n", 0.0) + n
 
     def _eval_epoch_end(self, stage: str) -> None:
         names = self._source_names(stage)
@@ -205,8 +232,9 @@ class METER(VLPModule):
                 pos = stats["itm_True_hits"] / stats["itm_True_n"]
                 neg = stats["itm_False_hits"] / max(1.0, stats["itm_False_n"])
                 scores["itm_acc"] = 100 * (pos + neg) / 2
-            if stats.get("mlm_n"):
-                scores["mlm_acc"] = 100 * stats["mlm_hits"] / stats["mlm_n"]
+            for name in ("mlm", "dlm"):  # masked-token accuracy: MLM head or decoder
+                if stats.get(f"{name}_n"):
+                    scores[f"{name}_acc"] = 100 * stats[f"{name}_hits"] / stats[f"{name}_n"]
             prefix = stage if len(names) <= 1 else f"{stage}/{names[idx]}"
             self.log_dict({f"{prefix}/{k}": v for k, v in scores.items()}, rank_zero_only=True)
             self.results[prefix] = {"scores": scores, "chance": {"itm_acc": 50.0}}

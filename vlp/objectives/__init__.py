@@ -3,11 +3,15 @@
 from vlp.objectives.albef import ITM, MLM, MomentumITC
 from vlp.objectives.base import Objective
 from vlp.objectives.distributed import gather_no_grad, gather_with_grad, world_info
+from vlp.objectives.generation import DenoisingLM, GenerativeITM, GenerativeVQA
 from vlp.objectives.itc import ITC
 from vlp.objectives.mim import MIM
 from vlp.objectives.tasks import NLVR2, VE, VQA, Retrieval
 
 __all__ = [
+    "DenoisingLM",
+    "GenerativeITM",
+    "GenerativeVQA",
     "ITC",
     "ITM",
     "MIM",

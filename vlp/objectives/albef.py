@@ -275,6 +275,14 @@ class ITM(Objective):
         logits = self.head(fused_cls)  # (N, 2)
         return logits[:, 1] > logits[:, 0]
 
+    def score_pairs(self, model, text_tokens, text_mask, image_tokens) -> torch.Tensor:
+        """Ranking score (N,) of (text, image) pairs through ``model``'s fusion."""
+        return self.score(model.match_features(text_tokens, text_mask, image_tokens))
+
+    def is_match_pairs(self, model, text_tokens, text_mask, image_tokens) -> torch.Tensor:
+        """Match decision (N,) bool of (text, image) pairs through ``model``'s fusion."""
+        return self.is_match(model.match_features(text_tokens, text_mask, image_tokens))
+
 
 class MLMHead(nn.Module):
     """BERT's prediction head: dense → GELU → LayerNorm → decoder + bias. The decoder is the

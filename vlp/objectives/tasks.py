@@ -364,8 +364,8 @@ class Retrieval(Objective):
         itm = self.scorer(model)
         images, texts = self.candidates(batch["image_id"], batch["text_image_id"])  # (Q, 1 + n) each
         i, t = images.reshape(-1), texts.reshape(-1)
-        fused = model.match_features(output.text_tokens[t], output.text_mask[t], output.image_tokens[i])
-        scores = itm.score(fused).view(images.shape)  # (Q, 1 + n), the positive in column 0
+        scores = itm.score_pairs(model, output.text_tokens[t], output.text_mask[t], output.image_tokens[i])
+        scores = scores.view(images.shape)  # (Q, 1 + n), the positive in column 0
         target = torch.zeros(len(scores), dtype=torch.long, device=scores.device)
         loss = F.cross_entropy(scores, target)
         with torch.no_grad():
@@ -420,7 +420,7 @@ class Retrieval(Objective):
             text_embeds = text_embeds[keep] if text_embeds is not None else None
 
         def score(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return itm.score(model.match_features(text_tokens[t], text_mask[t], image_tokens[i]))  # (n,)
+            return itm.score_pairs(model, text_tokens[t], text_mask[t], image_tokens[i])  # (n,)
 
         ni, nt = len(ids), len(index)
         self.chance = chance_recall(ni, nt)

@@ -39,7 +39,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model state dict inside a Lightning/vlp checkpoint, or the file itself if it is one."""
-    ckpt = read_checkpoint(path)
+    return state_dict_of(read_checkpoint(path), path)
+
+
+def state_dict_of(ckpt: dict[str, Any], path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model state dict inside a loaded checkpoint ``ckpt`` (read from ``path``)."""
     for key in ("state_dict", "model", "module"):
         if isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]
@@ -47,6 +51,51 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise CheckpointError(f"{path}: no state dict found (expected a 'state_dict' mapping of tensors)")
     return ckpt
+
+
+# -- objectives by name ----------------------------------------------------------------------
+OBJECTIVES_KEY = "vlp_objectives"
+
+
+def objective_names_of(ckpt: dict[str, Any]) -> list[str] | None:
+    """Names of the objectives a vlp checkpoint was trained with, in order: saved under
+    ``vlp_objectives``, else read from the recipe saved with it (``vlp_config``: each
+    objective's class ``name``). None for a plain state dict or an unreadable recipe."""
+    names = ckpt.get(OBJECTIVES_KEY)
+    if isinstance(names, list | tuple) and all(isinstance(n, str) for n in names):
+        return list(names)
+    config = ckpt.get("vlp_config")
+    if not isinstance(config, str):
+        return None
+    import importlib
+
+    import yaml
+
+    try:
+        entries = yaml.safe_load(config)["model"]["init_args"].get("objectives") or []
+        names = []
+        for entry in entries:
+            module, cls = entry["class_path"].rsplit(".", 1)
+            names.append(getattr(importlib.import_module(module), cls).name)
+        return names
+    except Exception:  # an older or foreign recipe: keys stay positional
+        return None
+
+
+def match_objectives(state: dict[str, torch.Tensor], saved: list[str], own: list[str]) -> dict[str, torch.Tensor]:
+    """Re-index ``objectives.<i>.*`` keys from the checkpoint's objective order ``saved`` to
+    the model's ``own``, by name, so that a recipe listing its objectives in another order
+    (or with some removed) still gets each head's weights. Heads the model lacks keep a key
+    that names them (``objectives[<name>].*``), reported as unused."""
+    index = {name: i for i, name in enumerate(own)}
+    out = {}
+    for key, t in state.items():
+        parts = key.split(".", 2)
+        if parts[0] == "objectives" and len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < len(saved):
+            name = saved[int(parts[1])]
+            key = f"objectives.{index[name]}.{parts[2]}" if name in index else f"objectives[{name}].{parts[2]}"
+        out[key] = t
+    return out
 
 
 # -- fitting a state dict to a model of another resolution or queue size -------------------

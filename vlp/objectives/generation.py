@@ -1,0 +1,256 @@
+"""Objectives of encoder-decoder models: tasks cast as text generation.
+
+METER's encoder-only vs encoder-decoder study (after VL-T5) puts a text decoder on top of
+the fusion encoder and makes every objective a generation target; ALBEF answers VQA with a
+decoder of the same shape. In vlp the decoder is a model part (``decoder:
+vlp.blocks.TextDecoder`` in the recipe) and the model provides
+
+    decoder_context(text_tokens, text_mask, image_tokens) → (context (N, S, D), mask (N, S))
+
+(METER: both fused streams concatenated; ALBEF: the fused text tokens). The objectives:
+
+* :class:`DenoisingLM` — MLM as generation: the encoder reads the masked caption and the
+  image, the decoder writes the whole caption (teacher-forced cross-entropy).
+* :class:`GenerativeITM` — ITM as generation: the decoder writes "true" for a matched pair
+  and "false" for a negative (negatives drawn as :class:`~vlp.objectives.ITM` draws them);
+  its match score is ``log p(true) - log p(false)`` at the first decoded position, so
+  retrieval ranking and ITM evaluation work unchanged.
+* :class:`GenerativeVQA` — VQA as generation: the decoder writes the most frequent human
+  answer; evaluation decodes greedily and scores the strings with the official VQA accuracy
+  (open-ended: no answer vocabulary).
+
+Each takes the data's ``tokenizer`` (the same ``class_path``/``init_args`` as
+``data.tokenizer``) to encode targets and decode outputs; its start and end tokens are the
+decoder's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import nn
+
+from vlp.data.tokenization import Tokenizer
+from vlp.errors import ConfigError
+from vlp.eval.vqa import normalize_answer
+from vlp.objectives.albef import ITM
+from vlp.objectives.base import Objective
+from vlp.objectives.tasks import VQA
+
+
+def model_decoder(model: nn.Module, objective: Objective) -> nn.Module:
+    """The model's text decoder, or a ConfigError naming the objective that needs one."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None:
+        raise ConfigError(
+            f"objective {type(objective).__name__} ({objective.name}) generates text and needs a decoder: "
+            f"set model.decoder (vlp.blocks.TextDecoder) in the recipe"
+        )
+    return decoder
+
+
+def encode_targets(tokenizer: Tokenizer, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask (N, L) of target texts, each ``start ... end``."""
+    enc = tokenizer(texts)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
+
+
+def token_accuracy(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Share of target tokens (after the start token) predicted by the teacher-forced ``logits``."""
+    real = mask[:, 1:].bool()
+    return (logits.argmax(-1) == ids[:, 1:])[real].float().mean()
+
+
+class GenerativeObjective(Objective):
+    """Base of the generation objectives: holds the tokenizer and checks the model's decoder."""
+
+    needs_decoder = True
+
+    def __init__(self, weight: float = 1.0, *, tokenizer: Tokenizer) -> None:
+        super().__init__(weight)
+        self.tokenizer = tokenizer
+
+    def check_decoder(self, decoder: nn.Module) -> None:
+        """ConfigError unless ``decoder`` can write every token of the tokenizer."""
+        vocab = self.tokenizer.vocab_size
+        if decoder.vocab_size < vocab:
+            raise ConfigError(
+                f"objective {type(self).__name__}: the decoder's vocab_size {decoder.vocab_size} is smaller "
+                f"than its tokenizer's ({vocab})"
+            )
+
+
+class DenoisingLM(GenerativeObjective):
+    """MLM as generation: the decoder reconstructs the caption from the encoding of its masked
+    version and the image. Needs ``data.maskers: [vlp.data.MLMMasker]``. Logs the token
+    accuracy of the reconstruction (``dlm_acc``)."""
+
+    name = "dlm"
+    requires = ("image_tokens",)
+    requires_batch = ("mlm_input_ids", "text_ids", "text_mask")
+
+    def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        decoder = model_decoder(model, self)
+        mask = batch["text_mask"].bool()
+        masked_tokens, _ = model.embed_text(batch["mlm_input_ids"], mask)  # (B, Lt, D)
+        context, context_mask = model.decoder_context(masked_tokens, mask, output.image_tokens)
+        loss, logits = decoder.loss(batch["text_ids"], mask, context, context_mask)  # logits (B, Lt-1, V)
+        with torch.no_grad():
+            acc = token_accuracy(logits, batch["text_ids"], mask)
+        return {"dlm_loss": loss, "dlm_acc": acc}
+
+    @torch.no_grad()
+    def masked_hits(self, model: nn.Module, batch: dict, image_tokens: torch.Tensor) -> tuple[float, int]:
+        """Evaluation: teacher-forced predictions at the masked positions → (hits, count)."""
+        decoder = model_decoder(model, self)
+        mask = batch["text_mask"].bool()
+        masked_tokens, _ = model.embed_text(batch["mlm_input_ids"], mask)
+        context, context_mask = model.decoder_context(masked_tokens, mask, image_tokens)
+        ids = batch["text_ids"]
+        logits = decoder(ids[:, :-1], mask[:, :-1], context, context_mask)  # (B, Lt-1, V)
+        masked = batch["mlm_labels"][:, 1:] != -100  # (B, Lt-1): position p predicts token p+1
+        hits = logits.argmax(-1)[masked] == ids[:, 1:][masked]
+        return float(hits.sum()), int(hits.numel())
+
+
+class GenerativeITM(ITM):
+    """ITM as generation: the decoder writes ``words[0]`` ("true") for the B matched pairs and
+    ``words[1]`` ("false") for the 2B negatives of :meth:`ITM.negatives` (hard or uniform).
+    Each word must be one token. ``itm_acc`` is the decision at the first decoded position.
+
+    Args:
+        tokenizer: the data's tokenizer.
+        words: the match and no-match answers.
+        hard_negatives / temperature / exclude_same_text: as :class:`~vlp.objectives.ITM`.
+    """
+
+    needs_decoder = True
+    requires = ("text_tokens", "text_mask", "image_tokens", "image_embeds", "text_embeds")
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        *,
+        tokenizer: Tokenizer,
+        words: tuple[str, str] = ("true", "false"),
+        hard_negatives: bool = False,
+        temperature: float = 0.07,
+        exclude_same_text: bool = True,
+    ) -> None:
+        super().__init__(
+            weight, dim=1, hard_negatives=hard_negatives, temperature=temperature, exclude_same_text=exclude_same_text
+        )
+        self.head = None  # the decoder answers
+        self.tokenizer = tokenizer
+        self.words = tuple(words)
+        ids, mask = encode_targets(tokenizer, list(self.words), torch.device("cpu"))
+        if mask.sum(1).tolist() != [3, 3]:
+            raise ConfigError(f"GenerativeITM: each of {self.words} must be a single token of the tokenizer")
+        self.register_buffer("targets", ids, persistent=False)  # (2, 3): start, word, end
+        self.match_id, self.no_match_id = int(ids[0, 1]), int(ids[1, 1])
+
+    check_decoder = GenerativeObjective.check_decoder
+
+    def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        decoder = model_decoder(model, self)
+        neg_image, neg_text = self.negatives(output, batch, model)
+        text, mask, image = output.text_tokens, output.text_mask, output.image_tokens
+        B = text.shape[0]
+        texts = torch.cat([text, text, text[neg_text]])  # (3B, Lt, D): positives, then negatives
+        masks = torch.cat([mask, mask, mask[neg_text]])
+        images = torch.cat([image, image[neg_image], image])  # (3B, Li, D)
+        context, context_mask = model.decoder_context(texts, masks, images)
+        label = torch.cat([torch.zeros(B), torch.ones(2 * B)]).long().to(text.device)  # 0 "true", 1 "false"
+        loss, logits = decoder.loss(self.targets[label], None, context, context_mask)  # logits (3B, 2, V)
+        with torch.no_grad():
+            acc = ((self._margin(logits[:, 0]) > 0) == (label == 0)).float().mean()
+        return {"itm_loss": loss, "itm_acc": acc}
+
+    def _margin(self, first_logits: torch.Tensor) -> torch.Tensor:
+        return first_logits[:, self.match_id] - first_logits[:, self.no_match_id]
+
+    def score_pairs(self, model, text_tokens, text_mask, image_tokens) -> torch.Tensor:
+        """``log p(true) - log p(false)`` (N,) of each (text, image) pair at the first position."""
+        context, context_mask = model.decoder_context(text_tokens, text_mask, image_tokens)
+        start = self.targets[:1, :1].expand(len(context), 1)  # (N, 1)
+        return self._margin(model_decoder(model, self)(start, None, context, context_mask)[:, 0])
+
+    def is_match_pairs(self, model, text_tokens, text_mask, image_tokens) -> torch.Tensor:
+        return self.score_pairs(model, text_tokens, text_mask, image_tokens) > 0
+
+    def score(self, fused_cls: torch.Tensor) -> torch.Tensor:
+        raise ConfigError("GenerativeITM scores pairs with the decoder: use score_pairs(model, ...)")
+
+    is_match = score
+
+
+class GenerativeVQA(VQA):
+    """VQA as generation: the decoder writes the most frequent normalised human answer
+    (teacher-forced cross-entropy); evaluation decodes greedily up to ``max_answer_tokens``
+    and scores the decoded strings with the official VQA accuracy by question type.
+
+    Args:
+        tokenizer: the data's tokenizer.
+        max_answer_tokens: longest decoded answer.
+        question_types / baseline: as :class:`~vlp.objectives.VQA`.
+    """
+
+    needs_decoder = True
+    requires = ("text_tokens", "text_mask", "image_tokens")
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        *,
+        tokenizer: Tokenizer,
+        max_answer_tokens: int = 8,
+        question_types: list[str] | None = None,
+        baseline: dict[str, float] | None = None,
+    ) -> None:
+        Objective.__init__(self, weight)  # no answer vocabulary, no classifier
+        self.tokenizer = tokenizer
+        self.max_answer_tokens = max_answer_tokens
+        self.question_types = question_types
+        self.baseline = baseline
+        self.start_id, self.end_id = tokenizer.start_end_ids
+
+    check_decoder = GenerativeObjective.check_decoder
+
+    @staticmethod
+    def target_answer(answers: list[str]) -> str:
+        """The most frequent normalised answer (the first one among equals)."""
+        counts = Counter(a for a in (normalize_answer(x) for x in answers) if a)
+        if not counts:
+            raise ValueError(f"a VQA question has no non-empty answer: {answers!r}")
+        return counts.most_common(1)[0][0]
+
+    def _context(self, output, model):
+        return model.decoder_context(output.text_tokens, output.text_mask, output.image_tokens)
+
+    def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        decoder = model_decoder(model, self)
+        context, context_mask = self._context(output, model)
+        ids, mask = encode_targets(self.tokenizer, [self.target_answer(a) for a in batch["answers"]], context.device)
+        loss, logits = decoder.loss(ids, mask, context, context_mask)  # logits (B, La-1, V)
+        with torch.no_grad():
+            acc = token_accuracy(logits, ids, mask)
+        return {"vqa_loss": loss, "vqa_token_acc": acc}
+
+    @torch.no_grad()
+    def answer(self, output, model) -> list[str]:
+        """Greedy answers, one string per question of the batch."""
+        context, context_mask = self._context(output, model)
+        ids = model_decoder(model, self).generate(
+            context,
+            context_mask,
+            bos_token_id=self.start_id,
+            eos_token_id=self.end_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            max_new_tokens=self.max_answer_tokens + 1,
+        )
+        return [normalize_answer(a) for a in self.tokenizer.decode(ids)]
+
+    @torch.no_grad()
+    def evaluate(self, metric, output, batch: dict, model=None) -> None:
+        metric.update(self.answer(output, model), batch["answers"], batch.get("question_type"))
