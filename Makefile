@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 SHAPES ?= data/shapes
 
-.PHONY: install test demo demo-albef demo-meter demo-meter-encdec bench lint data clean
+.PHONY: install test demo demo-albef demo-meter demo-meter-encdec ablation-albef bench lint data clean
 
 install: $(STAMP)
 
@@ -58,6 +58,16 @@ demo-meter-encdec: data
 	$(VLP) fit --config recipes/finetune/tiny_meter_vqa.yaml --config recipes/ablations/meter_tiny_encdec_vqa.yaml
 	$(VLP) test --ckpt runs/tiny_meter_encdec_vqa/checkpoints/last.ckpt
 	$(VLP) compare runs/tiny_meter_vqa runs/tiny_meter_encdec_vqa --names encoder-only,encoder-decoder
+
+# ALBEF's Table 1 on shapes, one tiny run per row: MLM + ITM; ITC + MLM + ITM; + hard
+# negatives; + momentum distillation (~50 min on 2 CPU cores)
+ALBEF_ROWS := mlm_itm itc_mlm_itm itc_mlm_itm_hard itc_mlm_itm_hard_mod
+ablation-albef: data
+	for row in $(ALBEF_ROWS); do \
+	  $(VLP) fit --config recipes/tiny/albef.yaml --config recipes/ablations/albef_tiny_$$row.yaml && \
+	  $(VLP) test --ckpt runs/tiny_albef_$$row/checkpoints/last.ckpt || exit 1; \
+	done
+	$(VLP) compare $(addprefix runs/tiny_albef_,$(ALBEF_ROWS)) --names MLM+ITM,+ITC,+hard,+MoD
 
 bench: install
 	$(PY) bench/run.py
