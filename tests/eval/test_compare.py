@@ -52,6 +52,18 @@ def test_retrieval_rows_and_chance():
         compare_table({"clip": record("CLIP", {})}, source="val")
 
 
+def test_retrieval_head_ranking_all_pairs_is_labelled_itm():
+    chance = {"i2t_r1": 1.0, "rmean": 5.3}
+    runs = {
+        n: record("ALBEF", {"i2t_r1": v, "rmean": 2 * v}, task="irtr", chance=chance)
+        for n, v in (("a", 10.0), ("b", 40.0))
+    }
+    labels = [line[:26].strip() for line in compare_table(runs).splitlines()[3:-1]]
+    assert labels == ["image→text R@1   ITM", "mean R@K       ITM"]
+    runs["a"]["results"]["test"]["scores"]["itm_i2t_r1"] = 12.0  # top-k re-ranked: ITC, then ITC+ITM
+    assert "image→text R@1   ITC+ITM" in compare_table(runs)
+
+
 def test_finding_results_files(tmp_path):
     with pytest.raises(ConfigError, match="no test_results.json below it"):
         find_results(tmp_path)

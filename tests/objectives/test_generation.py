@@ -214,7 +214,24 @@ def test_generative_vqa_learns_the_answers_and_scores_the_strings(family, capsys
         opt.step()
     model.eval()
     with torch.no_grad():
-        assert vqa.answer(model(b), model) == ["yes", "no", "red", "blue dogs"]
+        out = model(b)
+        assert vqa.answer(out, model) == ["yes", "no", "red", "blue dogs"]
+        # ALBEF's protocol: rank a candidate list by the decoder's likelihood
+        candidates = ["blue", "blue dogs", "dogs", "no", "red", "yes"]
+        ranked = GenerativeVQA(tokenizer=tok, answers=candidates, k=2).answer(out, model)
+        assert ranked == ["yes", "no", "red", "blue dogs"]
+        full = GenerativeVQA(tokenizer=tok, answers=candidates, k=None)
+        ctx, ctx_mask = model.decoder_context(out.text_tokens, out.text_mask, out.image_tokens)
+        ids, mask = tok(candidates)["input_ids"], tok(candidates)["attention_mask"].bool()
+        brute = torch.stack(
+            [
+                model.decoder.sequence_logprob(
+                    ids, mask, ctx[i : i + 1].expand(6, -1, -1), ctx_mask[i : i + 1].expand(6, -1)
+                )
+                for i in range(B)
+            ]
+        )  # (B, 6)
+        assert torch.equal(full.rank(ctx, ctx_mask, model), brute.argmax(1))
     model.test_step(b, 0)
     model.on_test_epoch_end()
     scores = model.results["test"]["scores"]

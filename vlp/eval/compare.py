@@ -86,6 +86,9 @@ def compare_table(records: dict[str, dict], source: str = "test") -> str:
         for key, label in ROWS + [(k, OTHER_LABELS.get(k, f"accuracy, {k}")) for k in others]
         if any(key in picked[n]["scores"] for n in names)
     ]
+    if tasks == {"irtr"} and not any(k.startswith("itm_") for n in names for k in picked[n]["scores"]):
+        # the Retrieval head without ITC features: the ITM score ranked every pair
+        rows = [(key, label.replace(" ITC", " ITM")) for key, label in rows]
     width = max(12, *(len(n) + 2 for n in names))
     label_w = max(len(label) for _, label in [*rows, ("parameters", "parameters")]) + 2
     reference = "baseline" if tasks == {"vqa"} else "chance"

@@ -36,7 +36,7 @@ from vlp.errors import ConfigError
 from vlp.eval.vqa import normalize_answer
 from vlp.objectives.albef import ITM
 from vlp.objectives.base import Objective
-from vlp.objectives.tasks import VQA
+from vlp.objectives.tasks import VQA, load_answer_vocab
 
 
 def model_decoder(model: nn.Module, objective: Objective) -> nn.Module:
@@ -187,12 +187,17 @@ class GenerativeITM(ITM):
 
 class GenerativeVQA(VQA):
     """VQA as generation: the decoder writes the most frequent normalised human answer
-    (teacher-forced cross-entropy); evaluation decodes greedily up to ``max_answer_tokens``
-    and scores the decoded strings with the official VQA accuracy by question type.
+    (teacher-forced cross-entropy). Evaluation, open-ended: greedy decoding up to
+    ``max_answer_tokens``; with an ``answers`` list (ALBEF's protocol): the ``k`` candidates
+    with the likeliest first token are ranked by the decoder's log-likelihood of the whole
+    answer. Either way the answers are scored with the official VQA accuracy by question type.
 
     Args:
         tokenizer: the data's tokenizer.
         max_answer_tokens: longest decoded answer.
+        answers: candidate answers to rank instead of decoding freely (a list or a file,
+            see :func:`~vlp.objectives.tasks.load_answer_vocab`).
+        k: candidates ranked per question (ALBEF: 128); None ranks them all.
         question_types / baseline: as :class:`~vlp.objectives.VQA`.
     """
 
@@ -205,15 +210,23 @@ class GenerativeVQA(VQA):
         *,
         tokenizer: Tokenizer,
         max_answer_tokens: int = 8,
+        answers: list[str] | str | None = None,
+        k: int | None = 128,
         question_types: list[str] | None = None,
         baseline: dict[str, float] | None = None,
     ) -> None:
-        Objective.__init__(self, weight)  # no answer vocabulary, no classifier
+        Objective.__init__(self, weight)  # no classifier
         self.tokenizer = tokenizer
         self.max_answer_tokens = max_answer_tokens
         self.question_types = question_types
         self.baseline = baseline
         self.start_id, self.end_id = tokenizer.start_end_ids
+        self.answers = load_answer_vocab(answers) if answers is not None else None
+        self.k = k
+        if self.answers is not None:
+            ids, mask = encode_targets(tokenizer, self.answers, torch.device("cpu"))
+            self.register_buffer("answer_ids", ids, persistent=False)  # (A, La)
+            self.register_buffer("answer_mask", mask, persistent=False)
 
     check_decoder = GenerativeObjective.check_decoder
 
@@ -239,8 +252,10 @@ class GenerativeVQA(VQA):
 
     @torch.no_grad()
     def answer(self, output, model) -> list[str]:
-        """Greedy answers, one string per question of the batch."""
+        """One answer per question of the batch: greedy, or ranked from ``answers``."""
         context, context_mask = self._context(output, model)
+        if self.answers is not None:
+            return [self.answers[i] for i in self.rank(context, context_mask, model).tolist()]
         ids = model_decoder(model, self).generate(
             context,
             context_mask,
@@ -250,6 +265,22 @@ class GenerativeVQA(VQA):
             max_new_tokens=self.max_answer_tokens + 1,
         )
         return [normalize_answer(a) for a in self.tokenizer.decode(ids)]
+
+    @torch.no_grad()
+    def rank(self, context: torch.Tensor, context_mask: torch.Tensor | None, model) -> torch.Tensor:
+        """Index (B,) of the likeliest candidate answer of each question: the top ``k`` by
+        first-token log-probability, re-scored by the log-likelihood of the whole answer."""
+        decoder = model_decoder(model, self)
+        B, A = len(context), len(self.answers)
+        start = self.answer_ids[:, :1][:1].expand(B, 1)  # (B, 1)
+        first = decoder(start, None, context, context_mask)[:, 0].log_softmax(-1)  # (B, V)
+        k = A if self.k is None else min(self.k, A)
+        top = first[:, self.answer_ids[:, 1]].topk(k, dim=1).indices  # (B, k)
+        rows = torch.arange(B, device=context.device).repeat_interleave(k)  # (B k,)
+        ctx_mask = context_mask[rows] if context_mask is not None else None
+        ids, mask = self.answer_ids[top.flatten()], self.answer_mask[top.flatten()]  # (B k, La)
+        score = decoder.sequence_logprob(ids, mask, context[rows], ctx_mask).view(B, k)
+        return top.gather(1, score.argmax(1, keepdim=True)).squeeze(1)
 
     @torch.no_grad()
     def evaluate(self, metric, output, batch: dict, model=None) -> None:
