@@ -32,7 +32,7 @@ def _build_cli_class():
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from vlp.models.base import VLPModule
-    from vlp.utils.checkpoint import match_objectives, objective_names_of, read_checkpoint, state_dict_of
+    from vlp.utils.checkpoint import load_state_dict_by_objective, split_unused_heads
 
     class ConfigToCheckpoint(SaveConfigCallback):
         """Saves config.yaml to the log dir and the same YAML text into every checkpoint."""
@@ -58,20 +58,10 @@ def _build_cli_class():
         def _load_weights(self) -> None:
             if not self.weights:
                 return
-            ckpt = read_checkpoint(self.weights)
-            state = state_dict_of(ckpt, self.weights)
-            saved = objective_names_of(ckpt)
-            if saved is not None:  # a recipe given with --config may list other objectives
-                state = match_objectives(state, saved, [o.name for o in self.model.objectives])
+            # a recipe given with --config may list other objectives: heads load by name
+            state = load_state_dict_by_objective(self.weights, [o.name for o in self.model.objectives])
             result = self.model.load_state_dict(state, strict=False)
-            unused = sorted(
-                {
-                    k.split("]", 1)[0][len("objectives[") :]
-                    for k in result.unexpected_keys
-                    if k.startswith("objectives[")
-                }
-            )
-            unexpected = [k for k in result.unexpected_keys if not k.startswith("objectives[")]
+            unused, unexpected = split_unused_heads(result.unexpected_keys)
             if result.missing_keys or unexpected:
                 raise CheckpointError(
                     f"checkpoint {self.weights} does not fit {type(self.model).__name__}: "

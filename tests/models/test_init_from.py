@@ -9,7 +9,7 @@ import yaml
 
 from tests.models.test_meter import D, V, tiny_meter
 from vlp.objectives import ITM, MLM, Retrieval
-from vlp.utils.checkpoint import match_objectives, objective_names_of
+from vlp.utils.checkpoint import match_objectives, objective_names_of, split_unused_heads
 
 
 def pretrained(tmp_path, **extra):
@@ -42,6 +42,7 @@ def test_match_objectives_reindexes_by_name_and_names_the_unused():
     state = {"objectives.0.a": 0, "objectives.1.b": 1, "fusion.w": 2, "objectives.2.c": 3}
     out = match_objectives(state, ["mlm", "itm", "itc"], ["itm", "irtr", "itc"])
     assert out == {"objectives[mlm].a": 0, "objectives.0.b": 1, "fusion.w": 2, "objectives.2.c": 3}
+    assert split_unused_heads(["objectives[mlm].a", "objectives[mlm].b", "fusion.x"]) == (["mlm"], ["fusion.x"])
 
 
 def test_init_from_loads_each_head_by_objective_name(tmp_path):

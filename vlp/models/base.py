@@ -29,14 +29,7 @@ from vlp.errors import ConfigError
 from vlp.eval.compare import RESULTS_FILE
 from vlp.models.outputs import VLPOutput
 from vlp.objectives.base import Objective
-from vlp.utils.checkpoint import (
-    OBJECTIVES_KEY,
-    fit_state_to_model,
-    match_objectives,
-    objective_names_of,
-    read_checkpoint,
-    state_dict_of,
-)
+from vlp.utils.checkpoint import OBJECTIVES_KEY, fit_state_to_model, load_state_dict_by_objective
 
 log = logging.getLogger("vlp")
 
@@ -366,11 +359,8 @@ class VLPModule(pl.LightningModule):
         resolution are interpolated, queues of another size dropped; missing and unused keys
         are logged. Objectives with an ``on_init_from`` hook then adapt their state (e.g. a
         feature queue forgets the sample ids of the pretraining data)."""
-        ckpt = read_checkpoint(path)
-        state = state_dict_of(ckpt, path)
-        saved = objective_names_of(ckpt)
-        if saved is not None:  # heads follow their objective's name, not its list position
-            state = match_objectives(state, saved, [o.name for o in self.objectives])
+        # heads follow their objective's name, not its list position
+        state = load_state_dict_by_objective(path, [o.name for o in self.objectives])
         state, notes = fit_state_to_model(state, self, where=f"init_from {path}")
         missing, unexpected = self.load_state_dict(state, strict=False)
         log.info("init_from %s: %d missing, %d unexpected keys", path, len(missing), len(unexpected))

@@ -98,6 +98,23 @@ def match_objectives(state: dict[str, torch.Tensor], saved: list[str], own: list
     return out
 
 
+def load_state_dict_by_objective(path: str | os.PathLike, objectives: list[str]) -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` with its objective heads re-indexed by name to a model whose
+    objectives are named ``objectives`` (see :func:`match_objectives`); positional when the
+    checkpoint does not say which objectives it holds (a plain state dict)."""
+    ckpt = read_checkpoint(path)
+    state = state_dict_of(ckpt, path)
+    saved = objective_names_of(ckpt)
+    return state if saved is None else match_objectives(state, saved, objectives)
+
+
+def split_unused_heads(keys: list[str]) -> tuple[list[str], list[str]]:
+    """``keys`` left over by a load → (names of objectives whose heads the model lacks, the
+    other keys)."""
+    unused = sorted({k[len("objectives[") :].split("]", 1)[0] for k in keys if k.startswith("objectives[")})
+    return unused, [k for k in keys if not k.startswith("objectives[")]
+
+
 # -- fitting a state dict to a model of another resolution or queue size -------------------
 QUEUE_BUFFERS = ("image_queue", "text_queue", "queue_ptr", "idx_queue")
 
