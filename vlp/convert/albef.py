@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from vlp.encoders.bert import bert_layer_to_block, block_to_bert_layer
 from vlp.errors import CheckpointError, ConfigError
+from vlp.objectives.base import find_objective
 from vlp.utils.checkpoint import QUEUE_BUFFERS as QUEUES
 from vlp.utils.checkpoint import is_pos_embed, resize_pos_embed
 
@@ -461,7 +462,7 @@ def albef_to_vlp(state: dict[str, Tensor], model: ALBEF, *, strict: bool = False
         if idx_key in target and idx_key not in filled and f"objectives.{index['itc']}.image_queue" in filled:
             filled[idx_key] = torch.full_like(target[idx_key], -100)
             report.notes.append(f"{idx_key}: the checkpoint keeps no ids (pretraining); set to -100 (no id)")
-    itc = next((o for o in model.objectives if o.name == "itc"), None)
+    itc = find_objective(model, "itc")
     if itc is not None and "temp" in state and hasattr(itc, "min_temperature"):
         temp = float(state["temp"])
         if not itc.min_temperature <= temp <= itc.max_temperature:

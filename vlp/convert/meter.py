@@ -74,6 +74,7 @@ from torch import Tensor, nn
 from vlp.convert.albef import ConversionReport, extract_state_dict, save_state_dict
 from vlp.encoders.bert import bert_layer_to_block, block_to_bert_layer
 from vlp.errors import CheckpointError, ConfigError, VLPError
+from vlp.objectives.base import find_objective
 from vlp.utils.checkpoint import interpolate_pos_embed, read_checkpoint
 
 if TYPE_CHECKING:
@@ -546,7 +547,7 @@ def vlp_to_meter(model: METER) -> dict[str, Tensor]:
     for (stream, i), block in sorted(layers.items()):
         for name, t in block_to_bert_layer(block, cross_attention=True).items():
             out[f"cross_modal_{stream}_layers.{i}.{name}"] = t
-    mlm = next((o for o in model.objectives if o.name == "mlm"), None)
+    mlm = find_objective(model, "mlm")
     if mlm is not None and mlm.head.decoder is None:
         out["mlm_score.decoder.weight"] = model.word_embeddings()  # tied: METER keeps its own copy
     positions = out.get(f"{TEXT}embeddings.position_embeddings.weight")

@@ -25,7 +25,7 @@ from vlp.errors import ConfigError
 from vlp.eval.retrieval import chance_recall
 from vlp.models.base import OptimConfig, VLPModule
 from vlp.models.outputs import VLPOutput
-from vlp.objectives.base import Objective
+from vlp.objectives.base import Objective, find_objective
 
 
 @dataclass
@@ -261,7 +261,7 @@ class ALBEF(VLPModule):
         from vlp.eval.retrieval import format_rerank_table, gather_pair_tokens, rerank_topk, retrieval_scores
 
         names = self._source_names(stage)
-        itm = next((o for o in self.objectives if o.name == "itm"), None)
+        itm = find_objective(self, "itm")
         for key in sorted(k for k in self._eval if k.startswith(stage + "_")):
             idx = int(key.rsplit("_", 1)[1])
             image_tokens, image_embeds, image_ids, text_tokens, text_mask, text_embeds, index = gather_pair_tokens(

@@ -30,7 +30,7 @@ from vlp.encoders.base import Encoder
 from vlp.errors import ConfigError
 from vlp.models.base import OptimConfig, VLPModule
 from vlp.models.outputs import VLPOutput
-from vlp.objectives.base import Objective
+from vlp.objectives.base import Objective, find_objective
 
 
 @dataclass
@@ -199,7 +199,7 @@ class METER(VLPModule):
         text_ids = batch.get("text_image_id", ids).view(-1)  # (Nt,)
         owner = (text_ids[:, None] == ids[None, :]).int().argmax(1)  # (Nt,) image row of each text
         stats = self._eval.setdefault(f"{stage}_{idx}", {})
-        itm = next((o for o in self.objectives if o.name == "itm"), None)
+        itm = find_objective(self, "itm")
         if itm is not None and len(ids) > 1:
             # every caption with its own image, and with the next image of the batch
             other = (owner + 1) % len(ids)
@@ -207,7 +207,7 @@ class METER(VLPModule):
                 hits = itm.is_match_pairs(self, text_tokens, mask, image_tokens[images]) == label
                 stats[f"itm_{label}_hits"] = stats.get(f"itm_{label}_hits", 0.0) + float(hits.sum())
                 stats[f"itm_{label}_n"] = stats.get(f"itm_{label}_n", 0.0) + hits.numel()
-        mlm = next((o for o in self.objectives if o.name == "mlm"), None)
+        mlm = find_objective(self, "mlm")
         if mlm is not None and "mlm_labels" in batch:
             labels = batch["mlm_labels"]
             target = labels != -100
@@ -216,7 +216,7 @@ class METER(VLPModule):
             hits = mlm.head(hidden, emb).argmax(-1) == labels[target]
             stats["mlm_hits"] = stats.get("mlm_hits", 0.0) + float(hits.sum())
             stats["mlm_n"] = stats.get("mlm_n", 0.0) + hits.numel()
-        dlm = next((o for o in self.objectives if o.name == "dlm"), None)
+        dlm = find_objective(self, "dlm")
         if dlm is not None and "mlm_labels" in batch:
             hits, n = dlm.masked_hits(self, {**batch, "text_mask": mask}, image_tokens[owner])
             stats["dlm_hits"] = stats.get("dlm_hits", 0.0) + hits

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp.errors import ConfigError
-from vlp.objectives.base import Objective
+from vlp.objectives.base import Objective, find_objective
 from vlp.objectives.distributed import gather_no_grad
 from vlp.objectives.itc import ITC
 
@@ -237,7 +237,7 @@ class ITM(Objective):
             forbidden = forbidden | (h[:, None] == h[None, :])
         with torch.no_grad():
             if self.hard_negatives:
-                itc = _find_objective(model, "itc")
+                itc = find_objective(model, "itc")
                 scale = itc.scale() if itc is not None else torch.tensor(1 / self.temperature)
                 image_m = output.image_embeds_m if output.image_embeds_m is not None else output.image_embeds
                 text_m = output.text_embeds_m if output.text_embeds_m is not None else output.text_embeds
@@ -361,10 +361,3 @@ class MLM(Objective):
         with torch.no_grad():
             acc = (logits.argmax(-1) == labels[target]).float().mean() if target.any() else logits.new_zeros(())
         return {"mlm_loss": loss, "mlm_acc": acc}
-
-
-def _find_objective(model, name: str):
-    for o in getattr(model, "objectives", []):
-        if getattr(o, "name", None) == name:
-            return o
-    return None

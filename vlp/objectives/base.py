@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from vlp.models.outputs import VLPOutput
 
 
+def find_objective(model: nn.Module, name: str) -> Objective | None:
+    """``model``'s objective called ``name`` (objective names are unique in a model), or None."""
+    return next((o for o in getattr(model, "objectives", ()) if o.name == name), None)
+
+
 class Objective(nn.Module):
     """Base class of training objectives.
 

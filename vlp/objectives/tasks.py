@@ -32,7 +32,7 @@ from torch import nn
 
 from vlp.errors import ConfigError
 from vlp.eval.vqa import ClassificationAccuracy, VQAAccuracy, format_vqa_table, normalize_answer, vqa_soft_scores
-from vlp.objectives.base import Objective
+from vlp.objectives.base import Objective, find_objective
 from vlp.utils.paths import resolve_path
 
 
@@ -330,7 +330,7 @@ class Retrieval(Objective):
 
     @staticmethod
     def scorer(model) -> Objective:
-        itm = next((o for o in getattr(model, "objectives", ()) if o.name == "itm"), None)
+        itm = find_objective(model, "itm")
         if itm is None:
             raise ConfigError(
                 "Retrieval ranks pairs with the ITM head's match logit: add vlp.objectives.ITM to the objectives"
