@@ -90,11 +90,17 @@ class DenoisingLM(GenerativeObjective):
     requires = ("image_tokens",)
     requires_batch = ("mlm_input_ids", "text_ids", "text_mask")
 
-    def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-        decoder = model_decoder(model, self)
+    @staticmethod
+    def _context(model: nn.Module, batch: dict, image_tokens: torch.Tensor):
+        """The caption mask (B, Lt) and what the decoder reads: the encoding of the masked
+        caption with the image → (mask, context, context mask)."""
         mask = batch["text_mask"].bool()
         masked_tokens, _ = model.embed_text(batch["mlm_input_ids"], mask)  # (B, Lt, D)
-        context, context_mask = model.decoder_context(masked_tokens, mask, output.image_tokens)
+        return mask, *model.decoder_context(masked_tokens, mask, image_tokens)
+
+    def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        decoder = model_decoder(model, self)
+        mask, context, context_mask = self._context(model, batch, output.image_tokens)
         loss, logits = decoder.loss(batch["text_ids"], mask, context, context_mask)  # logits (B, Lt-1, V)
         with torch.no_grad():
             acc = token_accuracy(logits, batch["text_ids"], mask)
@@ -104,9 +110,7 @@ class DenoisingLM(GenerativeObjective):
     def masked_hits(self, model: nn.Module, batch: dict, image_tokens: torch.Tensor) -> tuple[float, int]:
         """Evaluation: teacher-forced predictions at the masked positions → (hits, count)."""
         decoder = model_decoder(model, self)
-        mask = batch["text_mask"].bool()
-        masked_tokens, _ = model.embed_text(batch["mlm_input_ids"], mask)
-        context, context_mask = model.decoder_context(masked_tokens, mask, image_tokens)
+        mask, context, context_mask = self._context(model, batch, image_tokens)
         ids = batch["text_ids"]
         logits = decoder(ids[:, :-1], mask[:, :-1], context, context_mask)  # (B, Lt-1, V)
         masked = batch["mlm_labels"][:, 1:] != -100  # (B, Lt-1): position p predicts token p+1

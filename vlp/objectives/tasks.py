@@ -289,8 +289,9 @@ class Retrieval(Objective):
     ``trainer.limit_{val,test}_batches`` for a quick check on CPU). TR/IR R@1/5/10 and the
     mean, with several captions per image (COCO/Flickr protocol).
 
-    The scorer is the model's ITM objective (``ITM.score``, the "match" logit), which must be
-    among the objectives; ``vlp convert meter`` loads METER's ``rank_output`` into it.
+    The scorer is the model's ITM objective (``ITM.score_pairs``: the "match" logit, or
+    ``GenerativeITM``'s log p(true) - log p(false)), which must be among the objectives;
+    ``vlp convert meter`` loads METER's ``rank_output`` into it.
 
     Args:
         negatives: negatives per query in training (METER: 15).
