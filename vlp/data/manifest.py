@@ -47,6 +47,7 @@ class Split:
     urls: str | list[str]
     num_samples: int
     modality: str | None = None
+    shard_sizes: list[int] | None = None  # samples per shard, in url order
 
     def __post_init__(self) -> None:
         if int(self.num_samples) < 0:
@@ -54,6 +55,12 @@ class Split:
         self.num_samples = int(self.num_samples)
         if self.modality is not None and self.modality not in MODALITIES:
             raise ConfigError(f"unknown modality {self.modality!r}; expected one of {MODALITIES}")
+        if self.shard_sizes is not None:
+            sizes = self.shard_sizes
+            if not isinstance(sizes, list) or any(type(n) is not int or n < 0 for n in sizes):
+                raise ConfigError(f"shard_sizes must be a list of integers >= 0, got {sizes!r}")
+            if sum(sizes) != self.num_samples:
+                raise ConfigError(f"shard_sizes sum to {sum(sizes)}, but num_samples is {self.num_samples}")
 
 
 @dataclass
@@ -109,7 +116,7 @@ class Manifest:
 def _make_split(name: str, split: str, value: Any) -> Split:
     if not isinstance(value, dict):
         raise ConfigError(f"manifest {name!r}: split {split!r} must be a mapping with urls and num_samples")
-    unknown = set(value) - {"urls", "num_samples", "modality"}
+    unknown = set(value) - {"urls", "num_samples", "modality", "shard_sizes"}
     missing = {"urls", "num_samples"} - set(value)
     if unknown or missing:
         raise ConfigError(
