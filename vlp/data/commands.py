@@ -37,11 +37,24 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--captions", help="CSV (image,caption[,caption_index]) or JSON list of {image, captions}")
     group.add_argument("--labels", help="CSV (image,label[,...]) for an image-classification split")
     c.add_argument("--classnames", default=None, help="JSON file with a 'classnames' list (labels only)")
-    c.add_argument("--modality", choices=["pair", "retrieval", "image"], default=None)
+    c.add_argument(
+        "--modality",
+        choices=["pair", "retrieval", "image"],
+        default=None,
+        help="default: retrieval when every image has several captions, pair when each has one",
+    )
     c.add_argument("--name", default=None, help="dataset name in the manifest")
     c.add_argument("--split", default="train")
     c.add_argument("--samples-per-shard", type=int, default=1000)
     c.add_argument("--max-image-size", type=int, default=None, help="downscale so the longer side is at most this")
+    c.add_argument("--encoding", default=None, help="codec of the captions/labels files (default: UTF-8, BOM allowed)")
+    c.add_argument(
+        "--duplicates",
+        choices=["error", "drop", "keep"],
+        default="error",
+        help="a repeated (image, caption) row: stop with an error, drop the repeat (listed as skipped) or keep it",
+    )
+    c.add_argument("--max-skip-fraction", type=float, default=0.05, help="stop when more of the listed images are lost")
     return parser
 
 
@@ -76,6 +89,9 @@ def _convert(ns: argparse.Namespace):
         samples_per_shard=ns.samples_per_shard,
         max_image_size=ns.max_image_size,
         split=ns.split,
+        encoding=ns.encoding,
+        duplicates=ns.duplicates,
+        max_skip_fraction=ns.max_skip_fraction,
     )
     if ns.classnames:
         kwargs["classnames"] = ns.classnames
