@@ -89,14 +89,17 @@ def test_failed_rerun_leaves_earlier_shards_and_manifest(tmp_path, monkeypatch):
 
     def fail_on_third(*args):
         calls.append(args)
-        if len(calls) == 3:
+        if len(calls) % 3 == 0:
             raise RuntimeError("disk full")
         return jpeg_bytes(size=(32, 32))
 
     monkeypatch.setattr(convert, "load_image_bytes", fail_on_third)
     with pytest.raises(RuntimeError, match="disk full"):
         convert_folder(folder, out, captions=good, samples_per_shard=1)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert_folder(folder, tmp_path / "fresh", captions=good)
     monkeypatch.undo()
+    assert not (tmp_path / "fresh").exists()
     assert _snapshot(out) == before
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
 

@@ -354,6 +354,7 @@ def convert_folder(
 
     # Everything is written to a private folder and moved in only once it is complete, so a
     # failed run leaves the shards and manifest of an earlier run untouched.
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".tmp-{split}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -368,9 +369,9 @@ def convert_folder(
                 ):
                     sink.write({"__key__": f"{sink.count:09d}", **sample})
         report = out_dir / f"{split}-skipped.json"
-        (tmp / report.name).write_text(json.dumps(skipped, indent=1, ensure_ascii=False))
+        (tmp / report.name).write_text(json.dumps(skipped, indent=1, ensure_ascii=False), encoding="utf-8")
         if classes_json is not None and names is not None:
-            (tmp / "classes.json").write_text(json.dumps(classes_json, indent=1, ensure_ascii=False))
+            (tmp / "classes.json").write_text(json.dumps(classes_json, indent=1, ensure_ascii=False), encoding="utf-8")
         if skipped:
             shown = ", ".join(f"{s['image']} ({s['reason']})" for s in skipped[:20])
             more = f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""
@@ -395,6 +396,8 @@ def convert_folder(
         _move_in(tmp, out_dir, split, sink.num_shards)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):  # a failed first run leaves no empty folder
+            out_dir.rmdir()
     log.info("convert %s: %d %s samples in %d shard(s) -> %s", images, sink.count, modality, sink.num_shards, out_dir)
     return manifest
 
