@@ -18,7 +18,8 @@ Image tensors are uint8 when the DataModule normalises on the device
 (``WebDataModule.finish_batch`` normalises every key of ``IMAGE_KEYS``).
 
 Every batch also has ``modality``, ``keys`` and ``skipped`` (a list of
-:class:`~vlp.data.pipeline.Skipped` from the stream since the previous batch).
+:class:`~vlp.data.pipeline.Skipped` from the stream since the previous batch; each stands
+for ``count`` samples), and the last batch of a finite stream has ``end_of_stream``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
+from torch.utils.data import get_worker_info
 
-from vlp.data.pipeline import Skipped
+from vlp.data.pipeline import Skipped, skipped_count
 from vlp.data.tokenization import Tokenizer
 from vlp.errors import DataError
 
@@ -100,15 +102,31 @@ def batches(examples: Iterable[dict | Skipped], batch_size: int, collate: Collat
     """Group examples into batches of ``batch_size``; skip markers ride along with a batch.
 
     The last, partial batch is emitted too, and skips seen after the last full batch are
-    attached to the final batch, so no example or skip record is lost. A stream in which
-    every sample was skipped raises :class:`~vlp.errors.DataError` listing the reasons.
+    attached to the final batch, so no example or skip record is lost. The final batch of a
+    stream that ends (evaluation) carries ``end_of_stream``: the number of DataLoader worker
+    streams feeding its loader, so the main process knows when a loader is exhausted. A stream
+    in which every sample was skipped raises :class:`~vlp.errors.DataError` listing the reasons,
+    and so does an endless (training) stream whose first ``DEAD_STREAM_RECORDS`` records are
+    all skips.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    info = get_worker_info()
+    streams = info.num_workers if info is not None else 1
+
+    def final(examples: list[dict], skipped: list[Skipped]) -> dict:
+        batch = collate(examples, skipped)
+        batch["end_of_stream"] = streams
+        return batch
+
     pending: tuple[list[dict], list[Skipped]] | None = None
     buffer: list[dict] = []
     skipped: list[Skipped] = []
     for example in examples:
         if isinstance(example, Skipped):
             skipped.append(example)
+            if pending is None and not buffer and len(skipped) >= DEAD_STREAM_RECORDS:
+                _all_skipped(skipped)
             continue
         buffer.append(example)
         if len(buffer) == batch_size:
@@ -117,12 +135,23 @@ def batches(examples: Iterable[dict | Skipped], batch_size: int, collate: Collat
             pending, buffer, skipped = (buffer, skipped), [], []
     if pending is None and not buffer:
         if skipped:
-            reasons = "\n  ".join(f"{s.key}: {s.reason}" for s in skipped[:10])
-            raise DataError(f"all {len(skipped)} samples of this stream were skipped, e.g.:\n  {reasons}")
+            _all_skipped(skipped)
         return
     if pending is not None and not buffer:
-        yield collate(pending[0], pending[1] + skipped)
+        yield final(pending[0], pending[1] + skipped)
         return
     if pending is not None:
         yield collate(*pending)
-    yield collate(buffer, skipped)
+    yield final(buffer, skipped)
+
+
+#: Skip records without a single good sample after which a stream is given up as unreadable.
+DEAD_STREAM_RECORDS = 10_000
+
+
+def _all_skipped(skipped: list[Skipped]) -> None:
+    reasons = "\n  ".join(f"{s.key}: {s.reason}" for s in skipped[:10])
+    raise DataError(
+        f"all {skipped_count(skipped)} samples of this stream were skipped ({len(skipped)} records), "
+        f"e.g.:\n  {reasons}"
+    )

@@ -14,13 +14,17 @@ data:
 ```
 
 Skipped samples (corrupt image, empty caption, broken shard) arrive with each batch;
-they are counted per stage and epoch, the first ones are logged by key, and past
-``max_skip_fraction`` the run stops with a :class:`~vlp.errors.DataError`.
+they are counted per stage and epoch (a broken shard as the samples it should have held),
+the first ones are logged by key, and past ``max_skip_fraction`` of the samples or
+``max_bad_shard_fraction`` of the shards the run stops with a :class:`~vlp.errors.DataError`.
+Evaluation stages are checked once more when they end, over all their samples, and
+:meth:`WebDataModule.skip_report` gives the counts (``test_results.json`` has them).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -31,7 +35,7 @@ from torch.utils.data import DataLoader
 from vlp.data.collate import IMAGE_KEYS, Collator
 from vlp.data.manifest import check_local_shards, expand_urls, load_manifest
 from vlp.data.masking import Masker
-from vlp.data.pipeline import SampleDecoder
+from vlp.data.pipeline import SampleDecoder, skipped_count
 from vlp.data.stream import ModalityGroup, ShardStream, SourceStream, StreamConfig
 from vlp.data.tokenization import Tokenizer
 from vlp.data.transforms import ImageTransform
@@ -81,7 +85,10 @@ class WebDataModule(pl.LightningDataModule):
             worker time and copy volume. Batches read from the DataLoaders outside a
             Trainer then hold uint8 images; pass them through :meth:`finish_batch`.
         max_skip_fraction: stop when more than this fraction of samples is skipped...
-        min_samples_for_skip_check: ...once at least this many samples were seen.
+        min_samples_for_skip_check: ...once at least this many samples were seen in the
+            epoch; evaluation stages are also checked when they end, with no minimum.
+        max_bad_shard_fraction: stop when more than this fraction of a stage's shards (on
+            this rank) could not be read in an epoch; the error names them.
         check_shards: verify that every local shard exists before the first step.
     """
 
@@ -107,10 +114,22 @@ class WebDataModule(pl.LightningDataModule):
         normalize_on_device: bool = True,
         max_skip_fraction: float = 0.01,
         min_samples_for_skip_check: int = 1000,
+        max_bad_shard_fraction: float = 0.05,
         check_shards: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        _check_settings(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            image_size=image_size,
+            num_workers=num_workers,
+            shuffle_buffer=shuffle_buffer,
+            epoch_length=epoch_length,
+            min_samples_for_skip_check=min_samples_for_skip_check,
+            max_skip_fraction=max_skip_fraction,
+            max_bad_shard_fraction=max_bad_shard_fraction,
+        )
         self.sources = {"train": train or [], "val": val or [], "test": test or [], "predict": predict or []}
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -127,10 +146,14 @@ class WebDataModule(pl.LightningDataModule):
         self.normalize_on_device = normalize_on_device
         self.max_skip_fraction = max_skip_fraction
         self.min_samples_for_skip_check = min_samples_for_skip_check
+        self.max_bad_shard_fraction = max_bad_shard_fraction
         self.check_shards = check_shards
         self.seed = seed
         self.groups: dict[str, list[ModalityGroup]] = {}
-        self.stats: dict[str, dict] = defaultdict(lambda: {"seen": 0, "skipped": 0, "reasons": Counter(), "epoch": 0})
+        self.stats: dict[str, dict] = defaultdict(_new_stats)
+        self._active_stage: str | None = None
+        self._ended: dict[str, Counter] = defaultdict(Counter)  # stage → loader → worker streams ended
+        self._loaders_done: dict[str, set[int]] = defaultdict(set)  # stage → exhausted loaders
 
     # -- building streams -------------------------------------------------------------------
     def _load_sources(self, stage: str, train: bool) -> list[ModalityGroup]:
@@ -146,7 +169,7 @@ class WebDataModule(pl.LightningDataModule):
             if self.check_shards:
                 check_local_shards(urls, f"{where} ({name})")
             decoder = SampleDecoder(modality, manifest.fields, transform)
-            stream = SourceStream(name, urls, src.weight, decoder)
+            stream = SourceStream(name, urls, src.weight, decoder, shard_sizes=expected_shard_sizes(split, urls))
             key = modality if train else f"{modality}#{i}"  # evaluation: one loader per source
             if key not in groups:
                 groups[key] = ModalityGroup(modality, [], Collator(modality, self.tokenizer, self.maskers))
@@ -261,51 +284,197 @@ class WebDataModule(pl.LightningDataModule):
         return self.finish_batch(batch)
 
     # -- skip accounting (runs in the main process) -----------------------------------------
+    def _stage(self) -> str:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.training:
+            return "train"
+        if trainer.sanity_checking:
+            return "sanity"
+        if trainer.validating:
+            return "val"
+        return "test" if trainer.testing else "predict"
+
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if not isinstance(batch, dict) or "skipped" not in batch:
             return batch
+        stage = self._stage()
+        if stage != self._active_stage and self._active_stage in EVAL_STAGES:
+            self.finish_stage(self._active_stage)  # e.g. training resumed after a validation run
+        self._active_stage = stage
         trainer = getattr(self, "trainer", None)
-        stage = "train" if trainer is None or trainer.training else ("val" if trainer.validating else "eval")
         epoch = trainer.current_epoch if trainer is not None else 0
         self.record(stage, epoch, len(batch["keys"]), batch.pop("skipped"))
         batch["num_skipped"] = self.stats[stage]["last"]
+        streams = batch.pop("end_of_stream", None)
+        if streams is not None and stage in EVAL_STAGES:
+            ended = self._ended[stage]
+            ended[dataloader_idx] += 1
+            if ended[dataloader_idx] == streams:  # every worker stream of this loader is through
+                self._loaders_done[stage].add(dataloader_idx)
+                if len(self._loaders_done[stage]) >= max(1, len(self.groups.get(stage, []))):
+                    self.finish_stage(stage)
         return batch
 
     def record(self, stage: str, epoch: int, num_good: int, skipped: list) -> None:
+        """Count ``num_good`` samples and the skip records of one batch; stop past the limits."""
         st = self.stats[stage]
-        if epoch != st["epoch"]:
-            self.log_summary(stage)
-            st.update(seen=0, skipped=0, reasons=Counter(), epoch=epoch)
-        st["seen"] += num_good + len(skipped)
-        st["skipped"] += len(skipped)
-        st["last"] = len(skipped)
+        if st["done"] or epoch != st["epoch"]:  # a new epoch, or a new run of an evaluation stage
+            if not st["done"]:
+                self.log_summary(stage)
+            st.update(_new_stats(), epoch=epoch)
+            self._ended.pop(stage, None)
+            self._loaders_done.pop(stage, None)
+        lost = skipped_count(skipped)
+        st["seen"] += num_good + lost
+        st["skipped"] += lost
+        st["last"] = lost
         for s in skipped:
-            st["reasons"][s.reason.split(" (")[0]] += 1
-            if st["skipped"] - len(skipped) < 20:  # the first few by name, then the summary
+            st["reasons"][s.reason.split(" (")[0]] += s.count
+            if s.shard is not None:
+                st["bad_shards"][s.shard] = st["bad_shards"].get(s.shard, 0) + s.count
+            if st["records"] < 20:  # the first few by name, then the summary
                 log.warning("skipped %s: %s", s.key, s.reason)
-        if st["seen"] >= self.min_samples_for_skip_check and st["skipped"] > self.max_skip_fraction * st["seen"]:
+            st["records"] += 1
+        if st["seen"] >= self.min_samples_for_skip_check:
+            self._check_fraction(stage)
+        shards = self._num_shards(stage)
+        if st["bad_shards"] and shards and len(st["bad_shards"]) > self.max_bad_shard_fraction * shards:
+            bad = list(st["bad_shards"])
+            shown = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise DataError(
+                f"{stage}: {len(bad)} of {shards} shard(s) could not be read in epoch {st['epoch']} "
+                f"(> max_bad_shard_fraction={self.max_bad_shard_fraction:.1%}); see the warnings above:\n  {shown}"
+            )
+
+    def _check_fraction(self, stage: str) -> None:
+        st = self.stats[stage]
+        if st["skipped"] > self.max_skip_fraction * st["seen"]:
             raise DataError(
                 f"{stage}: {st['skipped']} of {st['seen']} samples skipped "
                 f"({st['skipped'] / st['seen']:.1%} > max_skip_fraction={self.max_skip_fraction:.1%}); "
                 f"reasons: {dict(st['reasons'])}"
             )
 
+    def _num_shards(self, stage: str) -> int:
+        """Shards this rank reads in ``stage`` (all of them for resampled training)."""
+        rank, world = self._rank()
+        groups = self.groups.get("val" if stage == "sanity" else stage, [])
+        if stage == "train" and self.resampled:
+            return sum(len(s.urls) for g in groups for s in g.sources)
+        return sum(len(s.urls[rank::world]) for g in groups for s in g.sources)
+
+    def finish_stage(self, stage: str) -> None:
+        """End of a run of an evaluation stage (its loaders are exhausted, another stage began,
+        or the test ended): log the summary and check ``max_skip_fraction`` over all of its
+        samples, however few."""
+        st = self.stats.get(stage)
+        if st is None or st["done"]:
+            return
+        st["done"] = True
+        self.log_summary(stage)
+        if st["seen"]:
+            self._check_fraction(stage)
+
+    def skip_report(self, stage: str) -> dict:
+        """Counts of the last (or current) epoch or run of ``stage``, summed over ranks:
+        ``{"seen", "skipped", "fraction", "reasons", "bad_shards"}``; seen and skipped count
+        samples (good + skipped), a lost shard counting as the samples it should have held."""
+        st = self.stats.get(stage) or _new_stats()
+        local = {k: st[k] for k in ("seen", "skipped", "reasons", "bad_shards")}
+        report = {"seen": 0, "skipped": 0, "fraction": 0.0, "reasons": Counter(), "bad_shards": {}}
+        for part in _gather(local):
+            report["seen"] += part["seen"]
+            report["skipped"] += part["skipped"]
+            report["reasons"].update(part["reasons"])
+            report["bad_shards"].update(part["bad_shards"])
+        report["fraction"] = report["skipped"] / report["seen"] if report["seen"] else 0.0
+        report["reasons"] = dict(report["reasons"])
+        return report
+
     def log_summary(self, stage: str) -> None:
         st = self.stats.get(stage)
         if st and st["skipped"]:
             log.warning(
-                "%s epoch %d: skipped %d of %d samples: %s",
+                "%s epoch %d: skipped %d of %d samples: %s%s",
                 stage,
                 st["epoch"],
                 st["skipped"],
                 st["seen"],
                 dict(st["reasons"]),
+                f"; unreadable shards: {list(st['bad_shards'])}" if st["bad_shards"] else "",
             )
 
     def teardown(self, stage: str) -> None:
         for s in list(self.stats):
-            self.log_summary(s)
+            if not self.stats[s]["done"]:
+                self.log_summary(s)
         self.stats.clear()
+        self._ended.clear()
+        self._loaders_done.clear()
+        self._active_stage = None
+
+
+#: Stages read once per run; their skip fraction is checked when they end.
+EVAL_STAGES = ("val", "test", "predict")
+
+
+def _new_stats() -> dict:
+    return {
+        "seen": 0,
+        "skipped": 0,
+        "reasons": Counter(),
+        "bad_shards": {},  # url → samples lost with it
+        "records": 0,
+        "last": 0,
+        "epoch": 0,
+        "done": False,
+    }
+
+
+def _gather(value: dict) -> list[dict]:
+    """``value`` from every rank (one item without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def expected_shard_sizes(split, urls: list[str]) -> dict[str, int]:
+    """Samples each of ``urls`` should hold: the split's ``shard_sizes`` when they match the
+    urls one to one, otherwise ``num_samples / len(urls)`` rounded up."""
+    sizes = getattr(split, "shard_sizes", None)
+    if sizes is not None and len(sizes) == len(urls):
+        return dict(zip(urls, sizes, strict=True))
+    each = math.ceil(split.num_samples / len(urls)) if urls else 0
+    return dict.fromkeys(urls, each)
+
+
+def _check_settings(**values) -> None:
+    """ConfigError naming ``data.init_args.<key>`` for a setting outside its range."""
+    ints = {
+        "batch_size": 1,
+        "eval_batch_size": 1,
+        "image_size": 1,
+        "num_workers": 0,
+        "shuffle_buffer": 0,
+        "epoch_length": 1,
+        "min_samples_for_skip_check": 0,
+    }
+    optional = ("eval_batch_size", "epoch_length")
+    for key, low in ints.items():
+        v = values[key]
+        if v is None and key in optional:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            none = " or null" if key in optional else ""
+            raise ConfigError(f"data.init_args.{key} must be an integer >= {low}{none}, got {v!r}")
+    for key in ("max_skip_fraction", "max_bad_shard_fraction"):
+        v = values[key]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
+            raise ConfigError(f"data.init_args.{key} must be a fraction between 0 and 1, got {v!r}")
 
 
 __all__ = ["DataError", "Source", "WebDataModule"]

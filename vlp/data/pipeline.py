@@ -1,10 +1,11 @@
 """From tar shards to collated batches, one modality at a time.
 
 ``read_shards`` streams raw samples; ``SampleDecoder`` turns each into an example dict
-or a :class:`Skipped` marker (undecodable image, empty caption, missing field, a label
-out of range, broken shard); ``batches`` groups examples and hands the skip markers along with the batch, so
-skips made inside DataLoader workers are counted by the main process
-(see ``WebDataModule.on_before_batch_transfer``). Nothing is dropped silently.
+or a :class:`Skipped` marker (undecodable image, empty or non-UTF-8 caption, missing field,
+a label out of range, broken shard); ``batches`` groups examples and hands the skip markers
+along with the batch, so skips made inside DataLoader workers are counted by the main process
+(see ``WebDataModule.on_before_batch_transfer``). Nothing is dropped silently: a shard that
+cannot be read counts as the samples it should have held.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
-from webdataset import tariterators
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
 
 from vlp.data.transforms import ImageDecodeError, decode_image
 
@@ -24,29 +27,81 @@ IMAGE_MARK = "<image>"
 #: Label names by index: NLVR2 (false/true) and SNLI-VE (the order SNLI lists them in;
 #: LAVIS uses the reverse). ``json.label`` may be the index or the name.
 LABELS = {"nlvr2": ("false", "true"), "ve": ("entailment", "neutral", "contradiction")}
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's per-shard metadata members
 
 
 @dataclass(frozen=True)
 class Skipped:
-    """A sample (or shard) that could not be used, and why."""
+    """Samples that could not be used, and why.
+
+    ``count`` is how many samples the record stands for: 1 for a bad sample, the samples a
+    broken shard should still have held (``shard`` is then its url), the captions dropped
+    from a retrieval sample.
+    """
 
     key: str
     reason: str
+    count: int = 1
+    shard: str | None = None
 
 
-def read_shards(urls: Iterable[str]) -> Iterator[dict | Skipped]:
-    """Raw webdataset samples from ``urls``; a shard that breaks mid-way becomes a Skipped."""
-    errors: list[Exception] = []
+def skipped_count(skipped: Iterable[Skipped]) -> int:
+    """Samples the skip records stand for (the sum of their ``count``)."""
+    return sum(s.count for s in skipped)
 
-    def handler(exn: Exception) -> bool:
-        errors.append(exn)
-        return True  # continue with the next shard
 
+def _tar_samples(url: str) -> Iterator[dict | Skipped]:
+    """Samples of one tar, grouped by key as webdataset groups them; any read error is
+    raised, and the sample being assembled when it happens is never yielded."""
+    stream = gopen(url)
+    try:
+        current: dict | None = None
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        for info in tar:
+            if not info.isreg() or _META.match(info.name):
+                continue
+            prefix, suffix = base_plus_ext(info.name)
+            if prefix is None:
+                continue
+            data = tar.extractfile(info).read()
+            tar.members = []  # streaming: keep no member list
+            suffix = suffix.lower()
+            if current is None or prefix != current["__key__"]:
+                if current is not None:
+                    yield current.pop("__bad__", None) or current
+                current = {"__key__": prefix, "__url__": url}
+            if suffix in current:
+                current["__bad__"] = Skipped(f"{url}:{prefix}", f"duplicate file {info.name} in the shard")
+            current[suffix] = data
+        if current is not None:
+            yield current.pop("__bad__", None) or current
+    finally:
+        stream.close()
+
+
+def read_shards(urls: Iterable[str], shard_sizes: Mapping[str, int] | None = None) -> Iterator[dict | Skipped]:
+    """Raw webdataset samples from ``urls``.
+
+    A shard that cannot be opened or breaks mid-way yields the complete samples read before
+    the break, then one :class:`Skipped` for the rest: ``shard_sizes[url]`` (the samples the
+    shard should hold) minus those yielded, and at least 1. The sample being read when the
+    shard broke is part of that count, never yielded.
+    """
+    sizes = shard_sizes or {}
     for url in urls:
-        yield from tariterators.tarfile_samples([{"url": url}], handler=handler)
-        for exn in errors:
-            yield Skipped(f"shard {url}", f"unreadable shard ({type(exn).__name__}: {exn.args[0] if exn.args else ''})")
-        errors.clear()
+        done = 0
+        try:
+            for sample in _tar_samples(url):
+                done += 1
+                yield sample
+        except Exception as e:  # gopen, tarfile and pipes raise many types
+            lost = max(1, sizes.get(url, 1) - done)
+            yield Skipped(
+                f"shard {url}",
+                f"unreadable shard ({type(e).__name__}: {e}; {lost} sample(s) lost after {done} read)",
+                count=lost,
+                shard=url,
+            )
 
 
 def stable_id(value) -> int:
@@ -61,6 +116,14 @@ def stable_id(value) -> int:
 
 def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
+
+
+def _utf8(data: bytes, what: str) -> str:
+    """Strict UTF-8 (a leading BOM is dropped); other bytes are a skip naming the first bad byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _Skip(f"{what} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
 class SampleDecoder:
@@ -112,15 +175,16 @@ class SampleDecoder:
             if required:
                 raise _Skip(f"no {self.json_ext} field")
             return {}
+        text = _utf8(sample[self.json_ext], self.json_ext)
         try:
-            return json.loads(sample[self.json_ext])
-        except (ValueError, UnicodeDecodeError) as e:
+            return json.loads(text)
+        except ValueError as e:
             raise _Skip(f"invalid json ({e})") from None
 
     def _text(self, sample: dict) -> str:
         if self.text_ext not in sample:
             raise _Skip(f"no {self.text_ext} field")
-        text = _clean(sample[self.text_ext].decode("utf-8", errors="replace"))
+        text = _clean(_utf8(sample[self.text_ext], "caption"))
         if not text:
             raise _Skip("empty caption")
         return text
@@ -164,7 +228,7 @@ class SampleDecoder:
         if self.label_ext not in sample:
             raise _Skip(f"no {self.label_ext} field")
         try:
-            label = int(sample[self.label_ext].decode().strip())
+            label = int(_utf8(sample[self.label_ext], f"{self.label_ext} label").strip())
         except ValueError:
             raise _Skip(f"label is not an integer: {sample[self.label_ext][:20]!r}") from None
         return {"image": self._image(sample), "label": label, "key": key}
@@ -195,7 +259,8 @@ class SampleDecoder:
             raise _Skip("no non-empty captions")
         example = {"image": self._image(sample), "captions": kept, "image_id": self._image_id(sample, meta), "key": key}
         if len(kept) < len(captions):  # counted like a skip: the protocol changes
-            example["dropped"] = Skipped(key, f"empty caption ({len(captions) - len(kept)} of {len(captions)} dropped)")
+            lost = len(captions) - len(kept)
+            example["dropped"] = Skipped(key, f"empty caption ({lost} of {len(captions)} dropped)", count=lost)
         return example
 
     def _interleaved(self, sample: dict, key: str) -> dict:

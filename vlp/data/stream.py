@@ -37,6 +37,7 @@ class SourceStream:
     urls: list[str]
     weight: float
     decoder: SampleDecoder
+    shard_sizes: dict[str, int] = field(default_factory=dict)  # url → samples it should hold
 
 
 @dataclass
@@ -100,7 +101,7 @@ class ShardStream(IterableDataset):
     def _raw(self, source: SourceStream, shards: list[str], rng: random.Random) -> Iterator:
         c = self.config
         if not c.train:
-            yield from read_shards(shards)
+            yield from read_shards(shards, source.shard_sizes)
             return
         while True:  # training: loop forever; the caller cuts the epoch
             if c.resampled:
@@ -108,7 +109,7 @@ class ShardStream(IterableDataset):
             else:
                 order = list(shards)
                 rng.shuffle(order)
-            yield from read_shards(order)
+            yield from read_shards(order, source.shard_sizes)
 
     def _group_examples(self, group: ModalityGroup, worker: int, num_workers: int, rng: random.Random) -> Iterator:
         c = self.config

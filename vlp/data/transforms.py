@@ -2,7 +2,7 @@
 
 Decoding is strict: anything PIL cannot fully load raises :class:`ImageDecodeError`, which
 the pipeline turns into a counted, logged skip. Real photos come as grayscale, CMYK,
-palette or EXIF-rotated files; all of them end up as upright RGB.
+palette, 16-bit or EXIF-rotated files; all of them end up as upright 8-bit RGB.
 
 Horizontal flips are OFF by default: they silently break captions that say "left of".
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2 as T
@@ -34,6 +35,8 @@ def decode_image(data: bytes) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img.load()  # force full decode: truncated files fail here, not later in a worker
         img = ImageOps.exif_transpose(img)
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+            img = _to_8bit(img)
         if img.mode != "RGB":
             if img.mode in ("RGBA", "LA", "P") and ("transparency" in img.info or img.mode != "P"):
                 background = Image.new("RGB", img.size, (255, 255, 255))
@@ -47,6 +50,20 @@ def decode_image(data: bytes) -> Image.Image:
     if img.width < 1 or img.height < 1:
         raise ImageDecodeError(f"empty image of size {img.size}")
     return img
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A 16/32-bit integer or float grayscale image → 8-bit "L" (PIL's own conversion clips
+    everything above 255 to white). 16-bit modes, and "I" / "F" images with values above 255,
+    are scaled by 255/65535 (0 → 0, 65535 → 255); "F" images within [0, 1] by 255."""
+    a = np.asarray(img, dtype=np.float64)  # (H, W)
+    a = np.nan_to_num(a, nan=0.0, posinf=65535.0, neginf=0.0)
+    top = a.max() if a.size else 0.0
+    if img.mode == "F" and 0 < top <= 1 and a.min() >= 0:
+        a = a * 255
+    elif img.mode.startswith("I;16") or top > 255:
+        a = a / 257
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
 @dataclass

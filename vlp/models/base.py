@@ -326,9 +326,18 @@ class VLPModule(pl.LightningModule):
         return sum(p.numel() for p in self.parameters() if id(p) not in twins)
 
     def on_test_end(self) -> None:
-        """Write the test results to ``<log dir>/test_results.json`` (read by ``vlp compare``)."""
+        """Write the test results to ``<log dir>/test_results.json`` (read by ``vlp compare``),
+        with the datamodule's count of skipped test samples under ``"skipped"``. A test whose
+        skips exceed the datamodule's ``max_skip_fraction`` stops with a DataError instead."""
         results = self.results
-        if not results or self._trainer is None or not self.trainer.is_global_zero:
+        if self._trainer is None:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        skipped = None
+        if dm is not None and hasattr(dm, "skip_report"):
+            dm.finish_stage("test")
+            skipped = dm.skip_report("test")  # on every rank: the counts are summed over ranks
+        if not results or not self.trainer.is_global_zero:
             return
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -337,6 +346,8 @@ class VLPModule(pl.LightningModule):
             "num_parameters": self.num_parameters(),
             "results": {k: v for k, v in results.items() if k.startswith("test")},
         }
+        if skipped is not None:
+            record["skipped"] = skipped
         path = folder / RESULTS_FILE
         path.write_text(json.dumps(record, indent=1) + "\n")
         self.report(f"test results: {path}")
