@@ -78,6 +78,8 @@ def test_every_modality_and_split_with_the_counts_the_manifests_claim(shapes, sa
             got = samples[modality][split]
             assert len(got) == s.num_samples == info["splits"][modality][split]["num_samples"] > 0
             assert len({x["__key__"] for x in got}) == len(got)
+            per_shard = Counter(x["__url__"] for x in got)
+            assert [per_shard[u] for u in expand_urls(s.urls)] == s.shard_sizes
             for x in got:
                 files = {k for k in x if not k.startswith("__")}
                 if modality == "interleaved":

@@ -860,7 +860,11 @@ def shapes_manifests(root: str, info: dict) -> dict[str, Manifest]:
             name=f"shapes_{modality}",
             modality=modality,
             splits={
-                k: Split(shard_pattern(f"{root}/{modality}", k, v["num_shards"]), v["num_samples"])
+                k: Split(
+                    shard_pattern(f"{root}/{modality}", k, v["num_shards"]),
+                    v["num_samples"],
+                    shard_sizes=_shard_sizes(v["num_samples"], v["num_shards"], info["samples_per_shard"]),
+                )
                 for k, v in splits.items()
             },
             license="CC0-1.0 (generated)",
@@ -869,3 +873,8 @@ def shapes_manifests(root: str, info: dict) -> dict[str, Manifest]:
             extra=extra.get(modality, {}),
         )
     return manifests
+
+
+def _shard_sizes(num_samples: int, num_shards: int, per_shard: int) -> list[int]:
+    """Samples in each shard ``ShardSink`` wrote: ``per_shard`` each, the rest in the last one."""
+    return [min(per_shard, num_samples - i * per_shard) for i in range(num_shards)]
