@@ -45,6 +45,7 @@ class MergedAttentionFusion(nn.Module):
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
+        self.dim = dim
         self.transformer = Transformer(
             dim,
             depth,
@@ -109,6 +110,7 @@ class CoAttentionFusion(nn.Module):
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
+        self.dim = dim
         rates = drop_path_rates(drop_path_rate, depth)
 
         def make_layers() -> nn.ModuleList:

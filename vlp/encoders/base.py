@@ -33,6 +33,15 @@ class Encoder(nn.Module):
 
     dim: int
     pooled_dim: int
+    #: text towers: rows of the input embedding, the largest vocabulary it reads (None: any)
+    vocab_size: int | None = None
+    #: text towers: the longest token sequence it takes (None: no limit)
+    max_length: int | None = None
+
+    def image_size_error(self, size: int) -> str | None:
+        """Vision towers: why square images of ``size`` px cannot go in, as the end of the
+        sentence "data.image_size is <size> but model.image_encoder ..."; None if they can."""
+        return None
 
     def __init__(self) -> None:
         super().__init__()

@@ -126,6 +126,7 @@ class BertFusion(Transformer):
             norm_eps=norm_eps,
         )
         self.dim = dim
+        self.context_dim = context_dim
         if init_from is not None:
             self.load_bert_layers(init_from, init_from_layer)
 

@@ -7,6 +7,7 @@ config loads the pretrained weights with those config overrides.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable
 
@@ -41,6 +42,22 @@ def _scalar(value):
     return value
 
 
+def check_config_keys(cfg, keys) -> None:
+    """ConfigError naming every key of ``keys`` that is no field of ``cfg``'s config class (a
+    typo there is otherwise dropped by ``from_pretrained`` or kept unused by ``for_model``),
+    with the close matches among the fields."""
+    try:
+        reference = type(cfg)()  # the defaults: for_model also stores unknown keys on cfg
+    except Exception:  # a composite config without defaults: its keys cannot be listed
+        return
+    fields = set(reference.to_dict())
+    unknown = [k for k in keys if k != "model_type" and k not in fields and not hasattr(reference, k)]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, sorted(fields), n=3) for k in unknown}
+        said = "; ".join(f"{k!r} (did you mean {', '.join(m)}?)" if m else repr(k) for k, m in hints.items())
+        raise ConfigError(f"text model config keys are not fields of {type(cfg).__name__}: {said}")
+
+
 def load_hf_model(auto_cls, name_or_path: str | None, config: dict | None, **kwargs) -> nn.Module:
     """``auto_cls`` (AutoModel, AutoModelForCausalLM) from a name/folder and/or a config dict.
 
@@ -64,6 +81,7 @@ def load_hf_model(auto_cls, name_or_path: str | None, config: dict | None, **kwa
         except Exception as e:  # OSError, ValueError, transformers' field validation errors
             where = "local folder" if local else "hub name (offline? give a local folder)"
             raise ConfigError(f"cannot load a model config from {path!r} as a {where}: {brief(e)}") from None
+    check_config_keys(cfg, config)
     try:
         model_cls = auto_cls._model_mapping[type(cfg)]
     except KeyError:
@@ -112,6 +130,22 @@ class _HFEncoderBase(GroupedEncoder):
         self.config = self.model.config
         self.dim = self.pooled_dim = self.config.hidden_size
         self._layers_name = _layers(self.model, self.config.num_hidden_layers)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: token ids at or above it cannot go in."""
+        return self.model.get_input_embeddings().num_embeddings
+
+    @property
+    def max_length(self) -> int | None:
+        """Rows of the absolute position embedding, less the offset of models whose positions
+        start after the padding index (RoBERTa: 514 rows, 512 tokens); None without a table."""
+        embeddings = getattr(self.model.base_model, "embeddings", None)
+        table = getattr(embeddings, "position_embeddings", None)
+        if not isinstance(table, nn.Embedding):
+            return None
+        pad = getattr(embeddings, "padding_idx", None)
+        return table.num_embeddings - (pad + 1 if pad is not None else 0)
 
     def _grouping(self) -> tuple[nn.Module, Callable[[str], int]]:
         n = len(self.model.get_submodule(self._layers_name))

@@ -9,9 +9,12 @@ Both return every token (prefix tokens first) as ``tokens`` and one vector per i
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import logging
 import os
 import re
+import sys
 import zipfile
 from collections.abc import Callable, Iterator
 
@@ -155,6 +158,26 @@ def _timm_group_of(model: nn.Module) -> Callable[[str], int]:
     return group_parameters(model, matcher, reverse=True).__getitem__
 
 
+def _timm_unknown_argument(e: TypeError, name: str, kwargs: dict, model_kwargs: dict) -> ConfigError | None:
+    """A ConfigError naming the argument timm's model class refused (a typo in
+    ``model_kwargs``), with close matches among that class's arguments; None for other errors."""
+    found = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(e))
+    if found is None or found[2] not in kwargs:
+        return None
+    cls_name, key = found[1], found[2]
+    classes = [
+        getattr(module, cls_name)
+        for module_name, module in list(sys.modules.items())
+        if module_name.startswith("timm.") and isinstance(getattr(module, cls_name, None), type)
+    ]
+    params = sorted(inspect.signature(classes[0].__init__).parameters) if classes else []
+    params = [p for p in params if p not in ("self", "args", "kwargs")]
+    matches = difflib.get_close_matches(key, params, n=3)
+    hint = f"did you mean {', '.join(matches)}?" if matches else f"it takes {', '.join(params)}"
+    where = "model_kwargs" if key in model_kwargs else "TimmVisionEncoder argument"
+    return ConfigError(f"timm model {name!r} ({cls_name}) has no argument {key!r} ({where}): {hint}")
+
+
 @contextlib.contextmanager
 def _timm_missing_keys() -> Iterator[list[str]]:
     """Collect timm's 'Missing keys' log: after dropping the classifier it loads non-strictly."""
@@ -222,10 +245,14 @@ class TimmVisionEncoder(GroupedEncoder):
             with _timm_missing_keys() as missing:
                 self.model = timm.create_model(name, pretrained=bool(pretrained), num_classes=0, **kwargs)
         except Exception as e:
+            unknown = _timm_unknown_argument(e, name, kwargs, model_kwargs or {}) if isinstance(e, TypeError) else None
+            if unknown is not None:
+                raise unknown from None
             error = CheckpointError if weights else ConfigError
             raise error(f"cannot build timm model {name!r} (pretrained={pretrained}, {kwargs}): {brief(e)}") from None
         if missing:
             raise CheckpointError(f"{weights} does not fit timm model {name}: {missing[0][:300]}")
+        self.name = name
         self.pool = pool
         self.prepend_pooled = prepend_pooled
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
@@ -239,6 +266,21 @@ class TimmVisionEncoder(GroupedEncoder):
         info = getattr(self.model, "feature_info", None)
         r = info[-1]["reduction"] if info else None
         self.grid_size: tuple[int, int] | None = (h // r, w // r) if r else None
+
+    def image_size_error(self, size: int) -> str | None:
+        """A patch embedding with ``strict_img_size`` (ViT and Swin unless ``dynamic_img_size``)
+        takes its ``img_size`` only; otherwise sizes must be multiples of the patch size
+        (unless ``dynamic_img_pad``). Towers without a patch embedding (CNNs) take any size."""
+        embed = getattr(self.model, "patch_embed", None)
+        if embed is None or getattr(embed, "dynamic_img_pad", False) or getattr(embed, "img_size", None) is None:
+            return None
+        (h, w), (ph, pw) = embed.img_size, embed.patch_size
+        if getattr(embed, "strict_img_size", False) and (h, w) != (size, size):
+            dynamic = " (or model_kwargs dynamic_img_size: true)" if hasattr(self.model, "dynamic_img_size") else ""
+            return f"(timm {self.name}) takes {h}x{w} images only: set its img_size to {size}{dynamic}"
+        if size % ph or size % pw:
+            return f"(timm {self.name}) takes sizes that are multiples of its {ph}x{pw} patches"
+        return None
 
     def _grouping(self) -> tuple[nn.Module, Callable[[str], int]]:
         return self.model, _timm_group_of(self.model)
@@ -351,6 +393,14 @@ class OpenCLIPVisionEncoder(GroupedEncoder):
         self.pooled_dim = visual.output_dim if use_proj else self.dim
         self.num_prefix_tokens = 1
         self.grid_size = tuple(visual.grid_size)
+        self.model_name = model_name
+
+    def image_size_error(self, size: int) -> str | None:
+        """open_clip ViTs have position embeddings for one input size."""
+        h, w = self.visual.image_size
+        if (h, w) != (size, size):
+            return f"(open_clip {self.model_name}) takes {h}x{w} images only: set its model_kwargs force_image_size: {size}"
+        return None
 
     def _grouping(self) -> tuple[nn.Module, Callable[[str], int]]:
         top = len(self.visual.transformer.resblocks) + 1

@@ -5,9 +5,10 @@
     CLS features ─► image_proj / text_proj ─► ITC (momentum queue + distillation)
 
 Momentum (EMA) copies of the encoders, fusion, projections and the MLM head give the
-queue features and the distillation targets. They are updated in ``on_train_batch_end``
-after the optimiser step, never in forward; with the EMA taken right after step t-1 this
-equals the paper's update at the start of step t. Evaluation: retrieval over the whole
+queue features and the distillation targets. They are updated right after the optimiser
+step (``optimizer_step``), never in forward; with the EMA taken right after step t-1 this
+equals the paper's update at the start of step t. Callbacks run after it, so a checkpoint
+written at the end of a step holds the updated copies and queues. Evaluation: retrieval over the whole
 split, ITC similarities first, then ITM re-ranking of the top-k candidates.
 """
 
@@ -85,6 +86,17 @@ class ALBEF(VLPModule):
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.fusion = fusion
+        width, context = getattr(fusion, "dim", text_encoder.dim), getattr(fusion, "context_dim", image_encoder.dim)
+        if width != text_encoder.dim:
+            raise ConfigError(
+                f"model.fusion is {width} wide but model.text_encoder's tokens are {text_encoder.dim} wide: "
+                f"set the fusion's dim: {text_encoder.dim}"
+            )
+        if context != image_encoder.dim:
+            raise ConfigError(
+                f"model.fusion cross-attends to width {context} but model.image_encoder's tokens are "
+                f"{image_encoder.dim} wide: set the fusion's context_dim: {image_encoder.dim}"
+            )
         self.set_decoder(decoder, text_encoder.dim)
         self.image_proj = nn.Linear(image_encoder.dim, embed_dim)
         self.text_proj = nn.Linear(text_encoder.dim, embed_dim)
@@ -102,7 +114,17 @@ class ALBEF(VLPModule):
                 twin = copy.deepcopy(getattr(self, name))
                 twin.requires_grad_(False)
                 setattr(self, name + "_m", twin)
+        self.check_objectives()  # head widths against the views below, ITM's ITC
         self._eval: dict[str, list] = {}
+
+    def feature_dims(self) -> dict[str, int]:
+        width = self.text_encoder.dim  # the fusion continues the text tower at its width
+        return {
+            "match": width,
+            "mlm": width,
+            "itc": self.image_proj.out_features,
+            "image_tokens": self.image_encoder.dim,
+        }
 
     # -- the model ------------------------------------------------------------------------
     def _suffix(self, momentum: bool) -> str:
@@ -218,7 +240,8 @@ class ALBEF(VLPModule):
             torch._foreach_mul_(twins, m)
             torch._foreach_add_(twins, online, alpha=1 - m)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
         self.momentum_update()
         for o in self.objectives:
             if hasattr(o, "after_step"):

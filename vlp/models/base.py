@@ -144,6 +144,50 @@ class VLPModule(pl.LightningModule):
         for o in needs:
             o.check_decoder(decoder)
 
+    # -- checks before step 1: parts against parts, data against parts --------------------
+    def feature_dims(self) -> dict[str, int]:
+        """Widths of the views objectives read, by name: "match" (``match_features``), "mlm"
+        (``mlm_hidden``), "itc" (``image_embeds`` / ``text_embeds``), "fused_image" (the
+        fusion's image stream), "image_tokens" (the vision tower's tokens). A family lists
+        the views it has; objectives check their heads against them (``Objective.check_width``)."""
+        return {}
+
+    def check_objectives(self) -> None:
+        """Every objective checks its heads and the objectives it depends on against the built
+        model (``Objective.check_model``). A family calls it once its parts exist."""
+        for objective in self.objectives:
+            objective.check_model(self)
+
+    def check_data(self, datamodule) -> None:
+        """ConfigError, naming both sides, unless ``datamodule``'s tokenizer (vocabulary,
+        ``max_length``) and ``image_size`` fit the towers (``text_encoder.vocab_size`` /
+        ``max_length``, ``image_encoder.image_size_error``) and every objective
+        (``Objective.check_data``). Runs in ``setup``, when the model first meets the data."""
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        image_size = getattr(datamodule, "image_size", None)
+        text = getattr(self, "text_encoder", None)
+        if tokenizer is not None and text is not None:
+            rows = getattr(text, "vocab_size", None)
+            if rows is not None and tokenizer.vocab_size > rows:
+                raise ConfigError(
+                    f"data.tokenizer has {tokenizer.vocab_size} tokens but model.text_encoder's embedding has "
+                    f"{rows} rows: use the text model's own tokenizer or a text model with vocab_size >= "
+                    f"{tokenizer.vocab_size}"
+                )
+            positions, length = getattr(text, "max_length", None), getattr(tokenizer, "max_length", None)
+            if positions is not None and length is not None and length > positions:
+                raise ConfigError(
+                    f"data.tokenizer.max_length is {length} but model.text_encoder takes at most {positions} "
+                    f"tokens (its position embeddings): set data.tokenizer max_length <= {positions}"
+                )
+        image = getattr(self, "image_encoder", None)
+        if image_size is not None and hasattr(image, "image_size_error"):
+            reason = image.image_size_error(image_size)
+            if reason:
+                raise ConfigError(f"data.image_size is {image_size} but model.image_encoder {reason}")
+        for objective in self.objectives:
+            objective.check_data(self, tokenizer, image_size)
+
     # -- to implement ---------------------------------------------------------------------
     def forward(self, batch: dict) -> VLPOutput:
         raise NotImplementedError
@@ -362,6 +406,9 @@ class VLPModule(pl.LightningModule):
         checkpoint[OBJECTIVES_KEY] = [o.name for o in self.objectives]  # for init_from (by name)
 
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            self.check_data(datamodule)
         if stage == "fit" and self.init_from and not (self.trainer and self.trainer.ckpt_path):
             self.load_init_from(self.init_from)
 

@@ -68,13 +68,18 @@ class CLIP(VLPModule):
         super().__init__(objectives if objectives is not None else [ITC()], optim=optim, init_from=init_from)
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
+        self.embed_dim = embed_dim
         self.image_proj = make_projection(image_encoder.pooled_dim, embed_dim, projection)
         self.text_proj = make_projection(text_encoder.pooled_dim, embed_dim, projection)
         if lock_image is not None:
             image_encoder.lock(unlocked_layers=lock_image)
         if lock_text is not None:
             text_encoder.lock(unlocked_layers=lock_text)
+        self.check_objectives()
         self.metrics = nn.ModuleDict()
+
+    def feature_dims(self) -> dict[str, int]:
+        return {"itc": self.embed_dim}
 
     # -- the model ------------------------------------------------------------------------
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,12 @@ class METER(VLPModule):
         self.text_encoder = text_encoder
         self.fusion = fusion
         self.hidden_size = hidden_size
+        width = getattr(fusion, "dim", hidden_size)
+        if width != hidden_size:
+            raise ConfigError(
+                f"model.fusion is {width} wide but METER's hidden_size is {hidden_size}: "
+                f"set hidden_size: {width} or the fusion's dim: {hidden_size}"
+            )
         self.set_decoder(decoder, hidden_size)
         self.image_proj = nn.Linear(image_encoder.dim, hidden_size)  # METER: cross_modal_image_transform
         self.text_proj = nn.Linear(text_encoder.dim, hidden_size)  # METER: cross_modal_text_transform
@@ -116,13 +122,19 @@ class METER(VLPModule):
                     f"METER has no momentum model; objective {type(o).__name__} ({o.name}) needs one "
                     "(use ITC instead of MomentumITC, MLM(distill: false))"
                 )
-            head = getattr(o, "head", None)
-            if o.name == "mlm" and head.decoder is None and text_encoder.dim != hidden_size:
-                raise ConfigError(
-                    f"MLM with tie_weights: true decodes with the word embeddings (width {text_encoder.dim}), "
-                    f"but METER's fused text has width {hidden_size}; use MLM(tie_weights: false)"
-                )
+        self.check_objectives()  # head widths against the views below, ITM's ITC
         self._eval: dict[str, dict[str, float]] = {}
+
+    def feature_dims(self) -> dict[str, int]:
+        dims = {
+            "match": 2 * self.hidden_size,  # pooled text and image streams, concatenated
+            "mlm": self.hidden_size,
+            "fused_image": self.hidden_size,
+            "image_tokens": self.image_encoder.dim,
+        }
+        if self.image_itc_proj is not None:
+            dims["itc"] = self.image_itc_proj.out_features
+        return dims
 
     # -- the model ------------------------------------------------------------------------
     def embed_image(self, image: torch.Tensor, token_type: int = 1, **mask) -> tuple[torch.Tensor, torch.Tensor]:

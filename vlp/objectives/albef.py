@@ -4,12 +4,13 @@ distillation, ITM with hard negatives, MLM conditioned on the image with distill
 They read a :class:`~vlp.models.outputs.FusionOutput`-style output and call back into
 the model for what depends on it (``model.fuse``, ``model.mlm_hidden``,
 ``model.distill_alpha``). State that changes during training (queues) is updated in
-:meth:`after_step`, which the model calls from ``on_train_batch_end``, never in forward.
+:meth:`after_step`, which the model calls after the optimiser step, never in forward.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,8 @@ from vlp.errors import ConfigError
 from vlp.objectives.base import Objective, find_objective
 from vlp.objectives.distributed import gather_no_grad
 from vlp.objectives.itc import ITC
+
+log = logging.getLogger("vlp")
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -82,6 +85,9 @@ class MomentumITC(ITC):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.requires_batch = {"same_id": ("image_id",), "same_text": ("text_ids", "text_mask")}.get(positives, ())
+
+    def check_model(self, model: nn.Module) -> None:
+        self.check_width("embed_dim", self.image_queue.shape[0], model, "itc")
 
     def sample_ids(self, batch: dict) -> torch.Tensor | None:
         """Ids whose equality marks positives: image ids, caption hashes, or None (diagonal)."""
@@ -203,8 +209,10 @@ class ITM(Objective):
 
     Args:
         dim: width of the match features.
-        hard_negatives: sample by ITC similarity (True) or uniformly.
-        temperature: used for the sampling softmax when the model has no ITC objective.
+        hard_negatives: sample by ITC similarity (True; needs a model with ITC features:
+            METER only has them with an ITC objective) or uniformly.
+        temperature: used for the sampling softmax when the model has no ITC objective
+            (ALBEF's projections then get no training signal: a warning says so).
         exclude_same_text: never use a caption identical to the positive one as a negative
             (it would be a false negative; matters for templated captions).
     """
@@ -227,6 +235,24 @@ class ITM(Objective):
         self.head = nn.Linear(dim, 2)
         self.hard_negatives = hard_negatives
         self.temperature = temperature
+
+    def check_model(self, model: nn.Module) -> None:
+        if self.head is not None:
+            self.check_width("dim", self.head.in_features, model, "match")
+        if not self.hard_negatives or find_objective(model, "itc") is not None:
+            return
+        if "itc" not in (model.feature_dims() if hasattr(model, "feature_dims") else {}):
+            raise ConfigError(
+                f"objective {type(self).__name__} ({self.name}) samples hard negatives from ITC similarities, "
+                f"but {type(model).__name__} has no ITC objective (and so no ITC features): add "
+                f"vlp.objectives.ITC to the objectives or set {type(self).__name__}(hard_negatives: false)"
+            )
+        log.warning(
+            "%s (%s): hard negatives come from the similarities of ITC projections that no ITC objective "
+            "trains; add an ITC objective or set hard_negatives: false",
+            type(self).__name__,
+            self.name,
+        )
 
     def negatives(self, output, batch: dict, model) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices (B,) of the negative image for each text and the negative text for each image."""
@@ -343,6 +369,31 @@ class MLM(Objective):
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.head, self.head_m)] if self.head_m is not None else []
+
+    def check_model(self, model: nn.Module) -> None:
+        dim, vocab = self.head.dense.in_features, self.head.bias.numel()
+        self.check_width("dim", dim, model, "mlm")
+        if self.head.decoder is not None or not hasattr(model, "word_embeddings"):
+            return
+        rows, width = model.word_embeddings().shape  # (V, Dt): the tied decoder
+        if width != dim:
+            raise ConfigError(
+                f"MLM ({self.name}) with tie_weights: true decodes with the word embeddings (width {width}), "
+                f"but its dim is {dim}: use MLM(tie_weights: false)"
+            )
+        if rows != vocab:
+            raise ConfigError(
+                f"MLM ({self.name}) has vocab_size {vocab}, but the word embeddings it decodes with "
+                f"(tie_weights: true) have {rows} rows: set MLM(vocab_size: {rows})"
+            )
+
+    def check_data(self, model: nn.Module, tokenizer, image_size: int | None) -> None:
+        vocab = self.head.bias.numel()
+        if tokenizer is not None and tokenizer.vocab_size > vocab:
+            raise ConfigError(
+                f"data.tokenizer has {tokenizer.vocab_size} tokens but objective MLM ({self.name}) predicts "
+                f"vocab_size {vocab}: set MLM(vocab_size: {tokenizer.vocab_size})"
+            )
 
     def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         ids, labels, mask = batch["mlm_input_ids"], batch["mlm_labels"], batch["text_mask"]

@@ -56,6 +56,26 @@ class Objective(nn.Module):
                 f"but {model_name} produces {output_type.__name__} with {sorted(fields)}"
             )
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise a ConfigError if this objective does not fit the built ``model``: a head whose
+        input width differs from the model view it reads (``model.feature_dims()``), or an
+        objective it depends on that is missing. Called once the model's parts exist."""
+
+    def check_data(self, model: nn.Module, tokenizer, image_size: int | None) -> None:
+        """Raise a ConfigError if the data's ``tokenizer`` or ``image_size`` does not fit this
+        objective (a vocabulary larger than its head predicts). Called when the model first
+        meets the DataModule (``VLPModule.check_data``)."""
+
+    def check_width(self, arg: str, width: int, model: nn.Module, view: str) -> None:
+        """ConfigError unless ``width`` (this objective's ``arg``) equals the width of the model
+        view ``view`` (a key of ``model.feature_dims()``); views the model lacks are not checked."""
+        dims = model.feature_dims() if hasattr(model, "feature_dims") else {}
+        if view in dims and dims[view] != width:
+            raise ConfigError(
+                f"objective {type(self).__name__} ({self.name}) has {arg} {width}, but {type(model).__name__}'s "
+                f"{view} features are {dims[view]} wide: set {type(self).__name__}({arg}: {dims[view]})"
+            )
+
     def check_batch(self, batch: dict) -> None:
         missing = [k for k in self.requires_batch if k not in batch]
         if missing:

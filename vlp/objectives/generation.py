@@ -80,6 +80,16 @@ class GenerativeObjective(Objective):
                 f"than its tokenizer's ({vocab})"
             )
 
+    def check_data(self, model: nn.Module, tokenizer, image_size: int | None) -> None:
+        """ConfigError unless the data's tokenizer is this objective's (the decoder reads the
+        data's token ids and writes this tokenizer's)."""
+        ours = self.tokenizer.vocab_size
+        if tokenizer is not None and tokenizer.vocab_size != ours:
+            raise ConfigError(
+                f"data.tokenizer has {tokenizer.vocab_size} tokens but objective {type(self).__name__} "
+                f"({self.name})'s tokenizer has {ours}: give both the same tokenizer"
+            )
+
 
 class DenoisingLM(GenerativeObjective):
     """MLM as generation: the decoder reconstructs the caption from the encoding of its masked
@@ -155,6 +165,7 @@ class GenerativeITM(ITM):
         self.match_id, self.no_match_id = int(ids[0, 1]), int(ids[1, 1])
 
     check_decoder = GenerativeObjective.check_decoder
+    check_data = GenerativeObjective.check_data
 
     def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         decoder = model_decoder(model, self)
@@ -233,6 +244,8 @@ class GenerativeVQA(VQA):
             self.register_buffer("answer_mask", mask, persistent=False)
 
     check_decoder = GenerativeObjective.check_decoder
+    check_data = GenerativeObjective.check_data
+    check_model = Objective.check_model  # no classifier head to size
 
     @staticmethod
     def target_answer(answers: list[str]) -> str:

@@ -59,6 +59,23 @@ class MIM(Objective):
         self.mask_token = nn.Parameter(torch.empty(encoder_dim).normal_(std=0.02))
         self.head = nn.Linear(dim, patch_size * patch_size * 3)
 
+    def check_model(self, model: nn.Module) -> None:
+        self.check_width("dim", self.head.in_features, model, "fused_image")
+        self.check_width("encoder_dim", self.mask_token.numel(), model, "image_tokens")
+
+    def check_data(self, model: nn.Module, tokenizer, image_size: int | None) -> None:
+        p = self.patch_size
+        if image_size is None:
+            return
+        if image_size % p:
+            raise ConfigError(f"data.image_size {image_size} is not a multiple of MIM's patch_size {p}")
+        grid = getattr(getattr(model, "image_encoder", None), "grid_size", None)
+        if grid is not None and image_size // p * (image_size // p) != grid[0] * grid[1]:
+            raise ConfigError(
+                f"MIM's patch_size {p} cuts data.image_size {image_size} into {(image_size // p) ** 2} patches, "
+                f"but model.image_encoder has a {grid[0]}x{grid[1]} patch grid: set MIM(patch_size) to the tower's"
+            )
+
     def target(self, images: torch.Tensor) -> torch.Tensor:
         """Regression target (B, N, p*p*3)."""
         target = patchify(images.float(), self.patch_size)

@@ -121,6 +121,9 @@ class VQA(Objective):
         self.baseline = baseline
         self.head = classifier(dim, len(self.answers))
 
+    def check_model(self, model: nn.Module) -> None:
+        self.check_width("dim", self.head[0].in_features, model, "match")
+
     @property
     def chance(self) -> dict[str, float]:
         """Reference accuracies (percent) printed beside the results: the ``baseline``."""
@@ -183,6 +186,9 @@ class VE(Objective):
         self.head = classifier(dim, num_classes)
         self.chance = {"acc": 100.0 / num_classes}
 
+    def check_model(self, model: nn.Module) -> None:
+        self.check_width("dim", self.head[0].in_features, model, "match")
+
     def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         logits = self.head(output.fused_cls)  # (B, C)
         label = batch["label"].view(-1)
@@ -228,6 +234,9 @@ class NLVR2(Objective):
         self.second_image_type = second_image_type
         self.head = classifier(2 * dim, 2, hidden=dim)  # METER: Linear(4h, 2h) on the two pairs
         self.chance = {"acc": 50.0}
+
+    def check_model(self, model: nn.Module) -> None:
+        self.check_width("dim", self.head[0].in_features // 2, model, "match")  # the head sees two pairs
 
     def features(self, output, batch: dict, model) -> torch.Tensor:
         """(B, 2 dim): the sentence fused with the left image, then with the right one."""
