@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ from vlp.data.collate import IMAGE_KEYS, Collator
 from vlp.data.manifest import check_local_shards, expand_urls, load_manifest
 from vlp.data.masking import Masker
 from vlp.data.pipeline import SampleDecoder, skipped_count
-from vlp.data.stream import ModalityGroup, ShardStream, SourceStream, StreamConfig
+from vlp.data.stream import ModalityGroup, ShardStream, SourceStream, StreamConfig, StreamLoader
 from vlp.data.tokenization import Tokenizer
 from vlp.data.transforms import ImageTransform
 from vlp.errors import ConfigError, DataError
@@ -90,6 +91,10 @@ class WebDataModule(pl.LightningDataModule):
         max_bad_shard_fraction: stop when more than this fraction of a stage's shards (on
             this rank) could not be read in an epoch; the error names them.
         check_shards: verify that every local shard exists before the first step.
+        seed: seed of the training streams (default: the run's ``seed_everything``). The
+            batches of an epoch are a function of (seed, epoch, rank, worker) only; the
+            training DataLoader saves its place in checkpoints (see
+            :class:`~vlp.data.stream.StreamLoader`).
     """
 
     def __init__(
@@ -116,7 +121,7 @@ class WebDataModule(pl.LightningDataModule):
         min_samples_for_skip_check: int = 1000,
         max_bad_shard_fraction: float = 0.05,
         check_shards: bool = True,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         _check_settings(
@@ -217,20 +222,31 @@ class WebDataModule(pl.LightningDataModule):
             num_batches=self.num_train_batches() if train else None,
             rank=rank,
             world_size=world,
-            seed=self.seed,
+            seed=self._stream_seed(),
             groups=groups,
         )
         workers = self.num_workers
         if not train:  # no idle workers for small eval sets
             workers = min(workers, max(len(s.urls[rank::world]) for g in groups for s in g.sources))
-        return DataLoader(
-            ShardStream(config),
+        kwargs = dict(
             batch_size=None,
             num_workers=workers,
-            persistent_workers=False,
+            persistent_workers=False,  # workers must start each epoch with its epoch and resume position
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if workers > 0 else None,
         )
+        if train:  # resumable mid-epoch; each epoch reshuffles by the Trainer's epoch
+            return StreamLoader(ShardStream(config), epoch_fn=self._current_epoch, **kwargs)
+        return DataLoader(ShardStream(config), **kwargs)
+
+    def _stream_seed(self) -> int:
+        if self.seed is not None:
+            return self.seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything on every rank
+
+    def _current_epoch(self) -> int | None:
+        trainer = getattr(self, "trainer", None)
+        return trainer.current_epoch if trainer is not None else None
 
     def _stage_loaders(self, stage: str):
         if stage not in self.groups:

@@ -7,22 +7,31 @@ under DDP. Evaluation streams read each shard exactly once and are not cut.
 
 Several sources of one modality are mixed sample by sample with their weights; several
 modalities are interleaved batch by batch, round robin (FLAVA's recipe).
+
+A stream is a deterministic function of (seed, epoch, rank, worker): its shard order,
+shuffle buffer, image crops and masks draw from generators seeded by those four numbers
+only, never from the process's global RNG. :class:`StreamLoader` saves how far an epoch
+got in the checkpoint, so that a resumed run continues with the very next batch.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.data.collate import Collator, batches
 from vlp.data.pipeline import SampleDecoder, read_shards
 from vlp.errors import DataError
+
+log = logging.getLogger("vlp.data")
 
 # Training streams split ``num_batches`` exactly across workers (see ``ShardStream.__iter__``),
 # so Lightning's generic warning about ``__len__`` with several workers does not apply.
@@ -78,10 +87,49 @@ def _shuffle(samples: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buffer
 
 
+def stream_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
+    """A 63-bit seed that depends on its four arguments only (string seeds of
+    ``random.Random`` are hashed with SHA-512, the same in every process)."""
+    return random.Random(f"vlp-stream/{seed}/{epoch}/{rank}/{worker}").getrandbits(63)
+
+
+def _own_rng(items: Iterator, seed: int) -> Iterator:
+    """Produce every item of ``items`` with torch's and Python's global generators set to a
+    private state seeded by ``seed``, then put the caller's state back: image transforms
+    and maskers (which draw from the global generators) become a function of ``seed``, and
+    the model's dropout in the main process (``num_workers: 0``) is left undisturbed."""
+    inner_torch = torch.Generator().manual_seed(seed).get_state()
+    inner_py = random.Random(seed).getstate()
+    while True:
+        outer_torch, outer_py = torch.get_rng_state(), random.getstate()
+        torch.set_rng_state(inner_torch)
+        random.setstate(inner_py)
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        finally:
+            inner_torch, inner_py = torch.get_rng_state(), random.getstate()
+            torch.set_rng_state(outer_torch)
+            random.setstate(outer_py)
+        yield item
+
+
+def worker_share(num_batches: int, worker: int, num_workers: int) -> int:
+    """How many of ``num_batches`` consecutive batches worker ``worker`` yields: the DataLoader
+    asks its workers in turn (batch ``i`` comes from worker ``i % num_workers``)."""
+    return num_batches // num_workers + (1 if worker < num_batches % num_workers else 0)
+
+
 class ShardStream(IterableDataset):
+    """Batches of one rank; ``epoch`` and ``skip_batches`` are set by :class:`StreamLoader`
+    before each pass (workers receive a copy when they start)."""
+
     def __init__(self, config: StreamConfig) -> None:
         super().__init__()
         self.config = config
+        self.epoch = 0
+        self.skip_batches = 0  # batches of this epoch (over all workers) already trained on
 
     # -- which shards this worker reads ------------------------------------------------------
     def _shards(self, source: SourceStream, worker: int, num_workers: int) -> list[str]:
@@ -134,15 +182,21 @@ class ShardStream(IterableDataset):
         c = self.config
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        # torch.initial_seed() differs per worker and per epoch and follows the global seed
-        rng = random.Random(torch.initial_seed() + 7919 * c.rank + c.seed)
+        # the DataLoader asks worker 0 first; after k batches the next one is due from worker
+        # k % num_workers, so in a resumed pass worker 0 takes up that worker's stream
+        worker = (worker + self.skip_batches) % num_workers
+        rng = random.Random(stream_seed(c.seed, self.epoch, c.rank, worker))
+        global_seed = rng.getrandbits(63)
         iterators = [
             batches(self._group_examples(g, worker, num_workers, rng), c.batch_size, g.collate) for g in c.groups
         ]
-        stream = _round_robin(iterators)
+        stream = _own_rng(_round_robin(iterators), global_seed)
         if c.num_batches is not None:
-            share = c.num_batches // num_workers + (1 if worker < c.num_batches % num_workers else 0)
-            stream = itertools.islice(stream, share)
+            share = worker_share(c.num_batches, worker, num_workers)
+            # a resumed epoch: recompute (decode, crop, mask) the batches trained on before, so
+            # that every generator is where it was, and hand out only the ones after them
+            done = min(share, worker_share(self.skip_batches, worker, num_workers))
+            stream = itertools.islice(stream, done, share)
         yield from stream
 
     def __len__(self) -> int:
@@ -160,3 +214,124 @@ def _round_robin(iterators: list[Iterator]) -> Iterator:
                 yield next(it)
             except StopIteration:
                 active.remove(it)
+
+
+def global_rng_state() -> dict:
+    """The global generators of this process: torch (CPU, and CUDA once initialised), Python, NumPy."""
+    keys, pos, has_gauss, gauss = np.random.get_state()[1:]
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: dict) -> None:
+    """Put back what :func:`global_rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _all_ranks(value: dict) -> list[dict]:
+    """``value`` of every rank, in rank order (one item without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+#: settings that decide which batches a training stream yields, in the order of a warning
+STREAM_SETTINGS = ("num_workers", "world_size", "batch_size", "num_batches", "seed")
+
+
+class StreamLoader(DataLoader):
+    """The training DataLoader over a :class:`ShardStream`, resumable in the middle of an epoch.
+
+    Lightning stores ``state_dict()`` with the fit loop in every checkpoint and hands it to
+    ``load_state_dict()`` on resume, before the first batch. The state holds the epoch, the
+    batches handed out in it so far (counted here, in the main process, as they leave), the
+    settings that decide the stream (:data:`STREAM_SETTINGS`) and the global generators of
+    every rank (:func:`global_rng_state`; Lightning saves none), so that dropout and every
+    other draw in the model continue as in an uninterrupted run. On the next pass each
+    worker recomputes its share of the batches already trained on and yields the rest.
+
+    A resume with other settings cannot find its place in the stream: a warning names the
+    settings that changed and the rest of the epoch is read from the start of the new stream.
+
+    Args:
+        stream: the training stream.
+        epoch_fn: returns the current epoch (the Trainer's), or None when there is none;
+            passes without an epoch count up from the last one (or from :meth:`set_epoch`).
+        **kwargs: DataLoader arguments; ``batch_size`` must be None (the stream yields batches).
+    """
+
+    def __init__(self, stream: ShardStream, *, epoch_fn: Callable[[], int | None] | None = None, **kwargs) -> None:
+        # the base seed the DataLoader draws for its workers comes from this generator, not the global one
+        kwargs.setdefault("generator", torch.Generator().manual_seed(stream.config.seed))
+        super().__init__(stream, **kwargs)
+        self.epoch_fn = epoch_fn
+        self.epoch = 0
+        self.batches = 0  # handed out in ``epoch``
+        self._next_epoch = 0
+        self._resume: dict | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the next pass (when no Trainer tells it)."""
+        self._next_epoch = epoch
+
+    def settings(self) -> dict:
+        c = self.dataset.config
+        return {
+            "num_workers": self.num_workers,
+            "world_size": c.world_size,
+            "batch_size": c.batch_size,
+            "num_batches": c.num_batches,
+            "seed": c.seed,
+        }
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches, **self.settings(), "rng": _all_ranks(global_rng_state())}
+
+    def load_state_dict(self, state: dict) -> None:
+        rngs = state.get("rng") or []
+        rank = self.dataset.config.rank
+        if rngs:
+            set_global_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        own = self.settings()
+        changed = [f"{k} {state.get(k)} -> {own[k]}" for k in STREAM_SETTINGS if state.get(k) != own[k]]
+        if changed and state.get("batches"):
+            log.warning(
+                "resuming with other data settings than the checkpoint's (%s): the stream cannot continue "
+                "where it stopped, so the rest of epoch %d is read from the start of the new stream "
+                "(the %d batches trained on before this resume may come again)",
+                ", ".join(changed),
+                state.get("epoch", 0),
+                state["batches"],
+            )
+            return
+        self._resume = state
+
+    def __iter__(self) -> Iterator:
+        epoch = self.epoch_fn() if self.epoch_fn is not None else None
+        epoch = self._next_epoch if epoch is None else epoch
+        skip = 0
+        if self._resume is not None:
+            saved, self._resume = self._resume, None
+            if saved["epoch"] == epoch:
+                skip = saved["batches"]
+        self.dataset.epoch, self.dataset.skip_batches = epoch, skip
+        self.epoch, self.batches, self._next_epoch = epoch, skip, epoch + 1
+        for batch in super().__iter__():
+            self.batches += 1
+            yield batch
