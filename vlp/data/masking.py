@@ -6,8 +6,9 @@ by listing them in the DataModule's ``maskers``:
 * :class:`MLMMasker` adds ``mlm_input_ids`` (B, L) and ``mlm_labels`` (B, L; -100 = not a target);
 * :class:`PatchMasker` adds ``image_mask`` (B, h*w) bool, True = masked patch.
 
-They run in DataLoader workers; randomness comes from torch's per-worker generator
-(seeded by Lightning's ``seed_everything(workers=True)``), or an explicit generator in tests.
+They run in DataLoader workers; randomness comes from torch's global generator, which the
+training stream sets to a state seeded by (seed, epoch, rank, worker) while it makes a
+batch (``vlp.data.stream``), or from an explicit generator in tests.
 """
 
 from __future__ import annotations
