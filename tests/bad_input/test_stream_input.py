@@ -178,6 +178,20 @@ def test_validation_skips_past_the_limit_stop_at_the_end_of_the_run(tmp_path, to
         _trainer(tmp_path).validate(_Counter(), datamodule=dm)
 
 
+def test_end_of_test_check_uses_the_counts_of_all_ranks(monkeypatch):
+    """Rank 0 skipped 0 of 50, rank 1 5 of 50: the report sums both and the end-of-test check (5% > 2%) stops."""
+    import vlp.data.datamodule as datamodule
+
+    dm = WebDataModule(max_skip_fraction=0.02)
+    dm.record("test", 0, 50, [])
+    other = {"seen": 50, "skipped": 5, "reasons": {"corrupt image": 5}, "bad_shards": {}}
+    monkeypatch.setattr(datamodule, "_gather", lambda local: [local, other])
+    report = dm.skip_report("test")
+    assert (report["seen"], report["skipped"], report["reasons"]) == (100, 5, {"corrupt image": 5})
+    with pytest.raises(DataError, match=r"test: 5 of 100 samples skipped"):
+        dm.finish_stage("test", report)
+
+
 # -- 4. 16-bit images ------------------------------------------------------------------------
 def test_16_bit_png_keeps_its_gradient():
     """A 16-bit grayscale PNG gradient 0, 4096, ..., 61440 decodes to round(v / 257), not to white."""

@@ -327,7 +327,8 @@ class WebDataModule(pl.LightningDataModule):
             ended[dataloader_idx] += 1
             if ended[dataloader_idx] == streams:  # every worker stream of this loader is through
                 self._loaders_done[stage].add(dataloader_idx)
-                if len(self._loaders_done[stage]) >= max(1, len(self.groups.get(stage, []))):
+                done = len(self._loaders_done[stage]) >= max(1, len(self.groups.get(stage, [])))
+                if done and not (stage == "test" and self._rank()[1] > 1):  # tests: over all ranks, at the end
                     self.finish_stage(stage)
         return batch
 
@@ -362,8 +363,8 @@ class WebDataModule(pl.LightningDataModule):
                 f"(> max_bad_shard_fraction={self.max_bad_shard_fraction:.1%}); see the warnings above:\n  {shown}"
             )
 
-    def _check_fraction(self, stage: str) -> None:
-        st = self.stats[stage]
+    def _check_fraction(self, stage: str, counts: dict | None = None) -> None:
+        st = counts or self.stats[stage]
         if st["skipped"] > self.max_skip_fraction * st["seen"]:
             raise DataError(
                 f"{stage}: {st['skipped']} of {st['seen']} samples skipped "
@@ -379,17 +380,20 @@ class WebDataModule(pl.LightningDataModule):
             return sum(len(s.urls) for g in groups for s in g.sources)
         return sum(len(s.urls[rank::world]) for g in groups for s in g.sources)
 
-    def finish_stage(self, stage: str) -> None:
+    def finish_stage(self, stage: str, report: dict | None = None) -> None:
         """End of a run of an evaluation stage (its loaders are exhausted, another stage began,
         or the test ended): log the summary and check ``max_skip_fraction`` over all of its
-        samples, however few."""
+        samples, however few. With ``report`` (:meth:`skip_report`, summed over ranks) the
+        check uses the totals of all ranks, so that every rank stops or goes on alike."""
         st = self.stats.get(stage)
-        if st is None or st["done"]:
+        if st is None or (st["done"] and report is None):
             return
+        if not st["done"]:
+            self.log_summary(stage)
         st["done"] = True
-        self.log_summary(stage)
-        if st["seen"]:
-            self._check_fraction(stage)
+        counts = report or st
+        if counts["seen"]:
+            self._check_fraction(stage, counts)
 
     def skip_report(self, stage: str) -> dict:
         """Counts of the last (or current) epoch or run of ``stage``, summed over ranks:

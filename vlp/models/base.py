@@ -379,8 +379,8 @@ class VLPModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         skipped = None
         if dm is not None and hasattr(dm, "skip_report"):
-            dm.finish_stage("test")
             skipped = dm.skip_report("test")  # on every rank: the counts are summed over ranks
+            dm.finish_stage("test", skipped)
         if not results or not self.trainer.is_global_zero:
             return
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
