@@ -98,6 +98,10 @@ class Collator:
         return batch
 
 
+#: Skip records without a single good sample after which a stream is given up as unreadable.
+DEAD_STREAM_RECORDS = 10_000
+
+
 def batches(examples: Iterable[dict | Skipped], batch_size: int, collate: Collator) -> Iterator[dict]:
     """Group examples into batches of ``batch_size``; skip markers ride along with a batch.
 
@@ -145,13 +149,8 @@ def batches(examples: Iterable[dict | Skipped], batch_size: int, collate: Collat
     yield final(buffer, skipped)
 
 
-#: Skip records without a single good sample after which a stream is given up as unreadable.
-DEAD_STREAM_RECORDS = 10_000
-
-
 def _all_skipped(skipped: list[Skipped]) -> None:
     reasons = "\n  ".join(f"{s.key}: {s.reason}" for s in skipped[:10])
     raise DataError(
-        f"all {skipped_count(skipped)} samples of this stream were skipped ({len(skipped)} records), "
-        f"e.g.:\n  {reasons}"
+        f"all {skipped_count(skipped)} samples of this stream were skipped ({len(skipped)} records), e.g.:\n  {reasons}"
     )
