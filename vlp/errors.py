@@ -19,3 +19,7 @@ class DataError(VLPError, RuntimeError):
 
 class CheckpointError(VLPError, RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the model."""
+
+
+class NonFiniteError(VLPError, FloatingPointError):
+    """A training loss or gradient became NaN or infinite."""

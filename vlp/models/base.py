@@ -17,6 +17,7 @@ import fnmatch
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -25,7 +26,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from vlp.errors import ConfigError
+from vlp.errors import CheckpointError, ConfigError, NonFiniteError
 from vlp.eval.compare import RESULTS_FILE
 from vlp.models.outputs import VLPOutput
 from vlp.objectives.base import Objective
@@ -50,6 +51,9 @@ class OptimConfig:
             The longest matching prefix wins.
         freeze: parameter-name patterns (``fnmatch``, e.g. ``"text_encoder.*word_embeddings*"``)
             left out of training: they get no gradient and no optimiser state.
+        max_nonfinite_steps: training steps whose loss or gradients are NaN/inf that may be
+            skipped (no optimiser step, counted in ``train/nonfinite_steps``) before the run
+            stops; 0 (the default) stops at the first one, naming the step and the objective.
     """
 
     lr: float = 1e-4
@@ -61,12 +65,15 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     lr_mult: dict[str, float] = field(default_factory=dict)
     freeze: list[str] = field(default_factory=list)
+    max_nonfinite_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"optim.schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ConfigError("optim.lr must be > 0 and optim.warmup_steps >= 0")
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(f"optim.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -119,6 +126,7 @@ class VLPModule(pl.LightningModule):
         self._checked_modalities: set = set()
         self.results: dict[str, dict] = {}  # evaluation results by "<stage>[/<source>]"
         self._task_metrics: dict[str, tuple] = {}  # "<stage>_<source>" → (task head, its metric)
+        self.nonfinite_steps = 0  # steps skipped because of a NaN/inf loss or gradient
         for objective in self.objectives:
             objective.check(self.output_type, type(self).__name__)
 
@@ -225,6 +233,10 @@ class VLPModule(pl.LightningModule):
             )
         output = self(batch)
         loss, values = self.compute_objectives(output, batch, objectives)
+        if not self._all_ranks_finite(loss):
+            bad = [k for k, v in values.items() if k.endswith("_loss") and not torch.isfinite(v).all()]
+            self._nonfinite(f"the loss is not finite ({', '.join(bad) or 'the weighted total'})")
+            return None  # Lightning skips the optimiser step
         bs = batch_size_of(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for k, v in values.items():
@@ -232,6 +244,42 @@ class VLPModule(pl.LightningModule):
         if "num_skipped" in batch:
             self.log("train/skipped", float(batch["num_skipped"]), on_step=False, on_epoch=True, reduce_fx="sum")
         return loss
+
+    # -- non-finite losses and gradients -------------------------------------------------------
+    def _all_ranks_finite(self, value: torch.Tensor) -> bool:
+        """Whether ``value`` is finite on every rank (so that all ranks skip a step together)."""
+        finite = bool(torch.isfinite(value).all())
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        return finite
+
+    def _nonfinite(self, what: str) -> None:
+        """Stop (a ``FloatingPointError`` naming the step), or count a skipped step while
+        ``optim.max_nonfinite_steps`` allows."""
+        step = self.trainer.global_step if self._trainer is not None else 0
+        self.nonfinite_steps += 1
+        if self.nonfinite_steps > self.optim.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"training step {step}: {what}; stopped before any checkpoint of this state was written "
+                f"({self.nonfinite_steps - 1} such step(s) skipped before, optim.max_nonfinite_steps="
+                f"{self.optim.max_nonfinite_steps}). Lower optim.lr, add warm-up or gradient clipping"
+            )
+        log.warning("training step %d: %s; step skipped (%d so far)", step, what, self.nonfinite_steps)
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Gradients that became NaN/inf (finite loss) stop the run before the weights take them;
+        with fp16 loss scaling the scaler skips such steps itself."""
+        if self._trainer is not None and str(self.trainer.precision).startswith("16"):
+            return
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if not self._all_ranks_finite(norm):
+            bad = [n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            self._nonfinite(f"gradients are not finite ({len(bad)} tensors, e.g. {bad[:3]})")
+            optimizer.zero_grad(set_to_none=True)  # the optimiser step then changes nothing
 
     # -- optimisation ---------------------------------------------------------------------
     def no_weight_decay_names(self) -> set[str]:
@@ -405,6 +453,13 @@ class VLPModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[OBJECTIVES_KEY] = [o.name for o in self.objectives]  # for init_from (by name)
 
+    def on_fit_start(self) -> None:
+        """Before step 1: every checkpoint folder must be writable (Lightning's atomic save
+        ignores a ``PermissionError``, which would leave a run with no checkpoint)."""
+        if self.trainer.is_global_zero:
+            for callback in self.trainer.checkpoint_callbacks:
+                check_writable(getattr(callback, "dirpath", None))
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None:
@@ -420,6 +475,13 @@ class VLPModule(pl.LightningModule):
         # heads follow their objective's name, not its list position
         state = load_state_dict_by_objective(path, [o.name for o in self.objectives])
         state, notes = fit_state_to_model(state, self, where=f"init_from {path}")
+        own = self.state_dict()
+        if not any(k in own for k in state):
+            raise CheckpointError(
+                f"init_from {path} shares no tensor name with {type(self).__name__} ({len(state)} tensors, e.g. "
+                f"{list(state)[:3]}; the model has e.g. {list(own)[:3]}): it is a checkpoint of another model, "
+                "or needs `vlp convert` first"
+            )
         missing, unexpected = self.load_state_dict(state, strict=False)
         log.info("init_from %s: %d missing, %d unexpected keys", path, len(missing), len(unexpected))
         for note in notes:
@@ -431,6 +493,24 @@ class VLPModule(pl.LightningModule):
         for objective in self.objectives:
             if hasattr(objective, "on_init_from"):
                 objective.on_init_from()
+
+
+def check_writable(folder: str | None) -> None:
+    """Create ``folder`` (a local checkpoint folder) and write and remove a probe file in it;
+    raise :class:`CheckpointError` naming it when that fails. Remote folders are not probed."""
+    if not folder or "://" in str(folder):
+        return
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".vlp-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(
+            f"checkpoint folder {path} is not writable ({type(e).__name__}: {e.strerror or e}); "
+            "no checkpoint could be saved there"
+        ) from None
 
 
 def batch_size_of(batch: dict) -> int:

@@ -21,6 +21,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = resolve_path(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the save was interrupted or the file was cut")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -31,10 +33,127 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        reason = (str(e).strip().splitlines() or ["no message"])[0]
         raise CheckpointError(
-            f"cannot read checkpoint {path} with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            "it is not a checkpoint, is corrupt, or needs arbitrary code to unpickle"
+            f"cannot read checkpoint {path} with weights_only=True ({type(e).__name__}: {reason}); "
+            "it is not a checkpoint, is truncated or corrupt, or needs arbitrary code to unpickle"
         ) from None
+
+
+#: ``ckpt_path`` values that Lightning resolves itself (to a ModelCheckpoint's file)
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+
+
+def check_ckpt_path(path: str | os.PathLike, *, allow_remote: bool = False) -> str:
+    """A ``ckpt_path`` handed to Lightning (resume a fit, or evaluate), checked first: a remote
+    URL is refused unless ``allow_remote`` (it is then still read with ``weights_only=True``),
+    a local file must exist and be a complete checkpoint (its zip directory is readable: a
+    file cut short fails here, in one sentence, instead of deep inside Lightning). Lightning's
+    own names (``last``, ``best``, ...) pass through. → the path."""
+    text = str(path)
+    if text in LIGHTNING_CKPT_NAMES or text.startswith("registry:"):
+        return text
+    if "://" in text and not text.startswith("file://"):
+        if not allow_remote:
+            raise CheckpointError(
+                f"ckpt_path {text} is remote; vlp does not load checkpoints from the network unless "
+                "--allow_remote_ckpt is given (it is then read with weights_only=True)"
+            )
+        return text
+    local = resolve_path(text[len("file://") :] if text.startswith("file://") else text)
+    if not os.path.isfile(local):
+        raise CheckpointError(f"ckpt_path not found: {local}")
+    check_complete(local)
+    return local
+
+
+def check_complete(path: str) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a whole ``torch.save`` file (the zip
+    format: its central directory, written last, is present). Reads only the directory."""
+    import zipfile
+
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the save was interrupted or the file was cut")
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or not a torch checkpoint ({type(e).__name__}: {e}); "
+            "resume from an earlier checkpoint"
+        ) from None
+
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` is not a complete checkpoint, or None when it is."""
+    try:
+        check_complete(path)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def _checkpoint_dirs(callbacks) -> list[str]:
+    """The ``dirpath`` of every callback in ``callbacks``: instances, or their configs
+    (``{class_path, init_args: {dirpath}}`` as dicts or jsonargparse namespaces)."""
+    dirs = []
+    for cb in callbacks or []:
+        dirpath = getattr(cb, "dirpath", None)
+        if dirpath is None and hasattr(cb, "get"):
+            dirpath = (cb.get("init_args") or {}).get("dirpath")
+        if dirpath and os.path.isdir(resolve_path(str(dirpath))):
+            dirs.append(os.path.abspath(resolve_path(str(dirpath))))
+    return dirs
+
+
+def resolve_resume_checkpoint(path: str | os.PathLike, callbacks=None) -> str:
+    """The checkpoint a ``fit`` resumes from: ``path`` itself when it is complete; when it is
+    empty or cut short (a run killed while saving), the newest complete ``*.ckpt`` beside it,
+    with a warning naming both files. ``last`` stands for the newest ``last*.ckpt`` in the
+    checkpoint folders (``dirpath``) of ``callbacks`` (Trainer callbacks or their configs);
+    when there is no checkpoint at all it is returned as is (Lightning then starts afresh and
+    says so). Other Lightning names and remote URLs are returned as is.
+    Raises :class:`CheckpointError` when no complete checkpoint is left."""
+    import logging
+
+    text = str(path)
+    remote = "://" in text and not text.startswith("file://")
+    if text == "last":
+        dirs = _checkpoint_dirs(callbacks)
+        names = [(d, f) for d in dirs for f in os.listdir(d)]
+        lasts = [os.path.join(d, f) for d, f in names if f.startswith("last") and f.endswith(".ckpt")]
+        target = max(lasts, key=os.path.getmtime) if lasts else None
+    elif text in LIGHTNING_CKPT_NAMES or text.startswith("registry:") or remote:
+        return text
+    else:
+        target = os.path.abspath(resolve_path(text[len("file://") :] if text.startswith("file://") else text))
+        if not os.path.isfile(target):
+            return text  # check_ckpt_path names the missing file
+        dirs = [os.path.dirname(target)]
+    why = _unreadable(target) if target else f"there is no last*.ckpt in {', '.join(dirs) or 'any checkpoint folder'}"
+    if why is None:
+        return target
+    others = {os.path.join(d, f) for d in dirs for f in os.listdir(d) if f.endswith(".ckpt")} - {target}
+    for candidate in sorted(others, key=os.path.getmtime, reverse=True):
+        if _unreadable(candidate) is None:
+            logging.getLogger("vlp").warning(
+                "%s: resuming from %s instead, the newest complete checkpoint beside it", why, candidate
+            )
+            return candidate
+    if target is None:
+        return text
+    raise CheckpointError(f"{why}, and no other complete checkpoint is in {', '.join(dirs)}")
+
+
+def shape_mismatches(state: dict[str, torch.Tensor], model: torch.nn.Module) -> list[str]:
+    """``key: checkpoint (shape), model (shape)`` for every tensor of ``state`` whose shape differs
+    from the model's tensor of the same name."""
+    own = model.state_dict()
+    return [
+        f"{k}: checkpoint {tuple(t.shape)}, model {tuple(own[k].shape)}"
+        for k, t in state.items()
+        if k in own and tuple(t.shape) != tuple(own[k].shape)
+    ]
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
