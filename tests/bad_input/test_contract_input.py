@@ -16,7 +16,7 @@ from vlp.data import HFTokenizer, WebDataModule
 from vlp.encoders import BertFusion, HFTextEncoder, OpenCLIPVisionEncoder, TimmVisionEncoder
 from vlp.errors import ConfigError
 from vlp.models import ALBEF, CLIP, METER
-from vlp.objectives import ITC, ITM, MIM, MLM, VQA, MomentumITC
+from vlp.objectives import ITC, ITM, MIM, MLM, NLVR2, VQA, MomentumITC
 
 D, W, VOCAB = 32, 24, 30522  # fusion width, tower width, the MiniLM tokenizer's vocabulary
 
@@ -125,6 +125,12 @@ def test_head_or_fusion_of_another_width_is_refused_at_construction(build, messa
     """A head or fusion whose input width differs from the model view it reads: ConfigError naming the key and the width."""
     with pytest.raises(ConfigError, match=message):
         build()
+
+
+def test_nlvr2_token_type_outside_the_model_is_refused():
+    """NLVR2's right image as token type 2 in a METER with num_token_types 2: ConfigError naming num_token_types."""
+    with pytest.raises(ConfigError, match=r"token type 2, but METER has num_token_types 2: set num_token_types: 3"):
+        meter([NLVR2(dim=2 * D)])
 
 
 # -- 3. a vocabulary smaller than the tokenizer's --------------------------------------------------

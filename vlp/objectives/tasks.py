@@ -237,6 +237,12 @@ class NLVR2(Objective):
 
     def check_model(self, model: nn.Module) -> None:
         self.check_width("dim", self.head[0].in_features // 2, model, "match")  # the head sees two pairs
+        types = getattr(getattr(model, "token_type", None), "num_embeddings", None)  # METER's type embedding
+        if types is not None and self.second_image_type >= types:
+            raise ConfigError(
+                f"NLVR2 embeds the right image with token type {self.second_image_type}, but "
+                f"{type(model).__name__} has num_token_types {types}: set num_token_types: {self.second_image_type + 1}"
+            )
 
     def features(self, output, batch: dict, model) -> torch.Tensor:
         """(B, 2 dim): the sentence fused with the left image, then with the right one."""
