@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import jpeg_bytes, shrink_recipe, write_tar
+from helpers import jpeg_bytes, run_in, shrink_recipe, write_tar
 
 from vlp.data import Manifest, MLMMasker, Split, WebDataModule
 
@@ -243,3 +243,59 @@ def test_killed_fit_resumes_with_the_same_batches_and_losses(tmp_path):
     assert set(range(EVERY, STEPS)) <= set(got)
     for step in range(EVERY, STEPS):  # the steps run after the resume, across the end of epoch 0
         assert got[step] == pytest.approx(expected[step], abs=1e-6), (step, got, expected)
+
+
+def _clip_recipe(root: Path, manifest: str, steps: int) -> Path:
+    """recipes/tiny/clip.yaml at width 32 with its checkpoint settings: the last two checkpoints
+    (by step) and last.ckpt, written every 4 steps here."""
+    cfg = yaml.safe_load((REPO / "recipes/tiny/clip.yaml").read_text())
+    recipe_checkpoint = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
+    shrink_recipe(cfg, W, steps=steps)
+    args = {**recipe_checkpoint["init_args"], "dirpath": "checkpoints", "every_n_train_steps": 4}
+    cfg["trainer"].update(limit_val_batches=0, callbacks=[{**recipe_checkpoint, "init_args": args}])
+    cfg["data"]["init_args"].update(
+        train=[{"manifest": manifest, "split": "train"}], val=[], test=[], image_size=IMG, batch_size=4, num_workers=0
+    )
+    path = root / f"clip_{steps}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    """last.ckpt cut in half, `vlp fit --ckpt_path last`: the run resumes from the step-8 checkpoint and the warning names both."""
+    manifest = _pair_manifest(tmp_path)
+    run_in(tmp_path / "run", ["fit", "--config", str(_clip_recipe(tmp_path, manifest, 8))])
+    folder = tmp_path / "run" / "checkpoints"
+    last, previous = folder / "last.ckpt", folder / "epoch=1-step=8.ckpt"
+    assert previous.is_file()
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with caplog.at_level("WARNING", logger="vlp"):
+        cli = run_in(
+            tmp_path / "run", ["fit", "--config", str(_clip_recipe(tmp_path, manifest, 10)), "--ckpt_path", "last"]
+        )
+    assert str(last) in caplog.text and str(previous) in caplog.text
+    assert cli.trainer.ckpt_path == str(previous)
+    assert cli.trainer.global_step == 10
+
+
+def test_resume_fallback_picks_the_newest_complete_checkpoint(tmp_path, caplog):
+    """An explicit truncated path resumes from the newest complete file beside it; with none complete it is a CheckpointError."""
+    import time
+
+    from vlp.errors import CheckpointError
+    from vlp.utils.checkpoint import resolve_resume_checkpoint
+
+    old, new, cut = (tmp_path / n for n in ("step=4.ckpt", "step=8.ckpt", "last.ckpt"))
+    for path in (old, new, cut):
+        torch.save({"global_step": 1}, path)
+        time.sleep(0.02)  # distinct modification times
+    assert resolve_resume_checkpoint(cut) == str(cut)  # complete: itself
+    cut.write_bytes(b"")
+    with caplog.at_level("WARNING", logger="vlp"):
+        assert resolve_resume_checkpoint(cut) == str(new)
+    assert "0 bytes" in caplog.text and str(new) in caplog.text
+    assert resolve_resume_checkpoint("last", [{"init_args": {"dirpath": str(tmp_path)}}]) == str(new)
+    for path in (old, new):
+        path.write_bytes(path.read_bytes()[:10])
+    with pytest.raises(CheckpointError, match="no other complete checkpoint"):
+        resolve_resume_checkpoint(cut)
