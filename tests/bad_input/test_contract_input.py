@@ -11,12 +11,12 @@ import pytest
 import torch
 from helpers import MINILM
 
-from vlp.blocks import CoAttentionFusion
+from vlp.blocks import CoAttentionFusion, TextDecoder
 from vlp.data import HFTokenizer, WebDataModule
 from vlp.encoders import BertFusion, HFTextEncoder, OpenCLIPVisionEncoder, TimmVisionEncoder
 from vlp.errors import ConfigError
 from vlp.models import ALBEF, CLIP, METER
-from vlp.objectives import ITC, ITM, MIM, MLM, NLVR2, VQA, MomentumITC
+from vlp.objectives import ITC, ITM, MIM, MLM, NLVR2, VQA, DenoisingLM, MomentumITC
 
 D, W, VOCAB = 32, 24, 30522  # fusion width, tower width, the MiniLM tokenizer's vocabulary
 
@@ -43,10 +43,10 @@ def bert(model_type: str = "bert", **overrides) -> HFTextEncoder:
     return HFTextEncoder(config={**config, **overrides})
 
 
-def meter(objectives, *, image=None, text=None, fusion_dim: int = D) -> METER:
+def meter(objectives, *, image=None, text=None, fusion_dim: int = D, **kwargs) -> METER:
     torch.manual_seed(0)
     fusion = CoAttentionFusion(fusion_dim, 1, 2, mlp_ratio=2.0)
-    return METER(image or vit(), text or bert(), fusion, objectives, hidden_size=D, embed_dim=16)
+    return METER(image or vit(), text or bert(), fusion, objectives, hidden_size=D, embed_dim=16, **kwargs)
 
 
 def albef(objectives, *, context_dim: int = W, **kwargs) -> ALBEF:
@@ -193,6 +193,15 @@ def test_roberta_position_offset_counts():
     model.check_data(data(max_length=38))
     with pytest.raises(ConfigError, match=r"max_length is 39 but model.text_encoder takes at most 38"):
         model.check_data(data(max_length=39))
+
+
+def test_max_length_above_the_decoder_positions_is_refused():
+    """DenoisingLM rewriting 16-token captions with a decoder of 8 positions: ConfigError naming the decoder's max_length."""
+    decoder = TextDecoder(VOCAB, D, 1, 2, mlp_ratio=2.0, max_length=8)
+    model = meter([DenoisingLM(tokenizer=HFTokenizer(MINILM, max_length=16))], decoder=decoder)
+    with pytest.raises(ConfigError, match=r"max_length is 16 but model.decoder.*max_length 8: set .* >= 15"):
+        model.check_data(data(max_length=16))
+    model.check_data(data(max_length=9))
 
 
 class _Data(pl.LightningDataModule):

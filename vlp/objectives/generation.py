@@ -100,6 +100,16 @@ class DenoisingLM(GenerativeObjective):
     requires = ("image_tokens",)
     requires_batch = ("mlm_input_ids", "text_ids", "text_mask")
 
+    def check_data(self, model: nn.Module, tokenizer, image_size: int | None) -> None:
+        super().check_data(model, tokenizer, image_size)
+        positions = getattr(getattr(model, "decoder", None), "max_length", None)
+        length = getattr(tokenizer, "max_length", None)
+        if positions is not None and length is not None and length - 1 > positions:  # it reads ids[:, :-1]
+            raise ConfigError(
+                f"data.tokenizer.max_length is {length} but model.decoder, which rewrites whole captions for "
+                f"DenoisingLM ({self.name}), has max_length {positions}: set the decoder's max_length >= {length - 1}"
+            )
+
     @staticmethod
     def _context(model: nn.Module, batch: dict, image_tokens: torch.Tensor):
         """The caption mask (B, Lt) and what the decoder reads: the encoding of the masked
