@@ -234,6 +234,8 @@ class WebDataModule(pl.LightningDataModule):
             persistent_workers=False,  # workers must start each epoch with its epoch and resume position
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if workers > 0 else None,
+            # the base seed each pass draws comes from here: evaluation leaves training's RNG alone
+            generator=torch.Generator().manual_seed(config.seed),
         )
         if train:  # resumable mid-epoch; each epoch reshuffles by the Trainer's epoch
             return StreamLoader(ShardStream(config), epoch_fn=self._current_epoch, **kwargs)
