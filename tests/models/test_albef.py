@@ -127,7 +127,7 @@ def test_queue_and_ema_update_in_training_only():
     loss.backward()
     with torch.no_grad():
         model.image_proj.weight.add_(1.0)  # an "optimiser step"
-    model.on_train_batch_end(None, batch(), 0)
+    model.after_optimizer_step()
     assert int(itc.queue_ptr) == B
     assert not torch.equal(itc.image_queue[:, :B], queue_before[:, :B])
     assert torch.equal(itc.image_queue[:, B:], queue_before[:, B:])
@@ -247,7 +247,7 @@ def test_queue_size_must_be_a_multiple_of_the_batch():
     model.train()
     model.training_step(batch(), 0)
     with pytest.raises(ConfigError, match="multiple"):
-        model.on_train_batch_end(None, batch(), 0)
+        model.after_optimizer_step()
 
 
 def test_retrieval_evaluation_with_itm_reranking(capsys):

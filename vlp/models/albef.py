@@ -242,6 +242,10 @@ class ALBEF(VLPModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """The EMA update of the momentum copies, then the objectives' queues."""
         self.momentum_update()
         for o in self.objectives:
             if hasattr(o, "after_step"):
