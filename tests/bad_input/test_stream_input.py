@@ -185,7 +185,7 @@ def test_end_of_test_check_uses_the_counts_of_all_ranks(monkeypatch):
     dm = WebDataModule(max_skip_fraction=0.02)
     dm.record("test", 0, 50, [])
     other = {"seen": 50, "skipped": 5, "reasons": {"corrupt image": 5}, "bad_shards": {}}
-    monkeypatch.setattr(datamodule, "_gather", lambda local: [local, other])
+    monkeypatch.setattr(datamodule, "gather_objects", lambda local: [local, other])
     report = dm.skip_report("test")
     assert (report["seen"], report["skipped"], report["reasons"]) == (100, 5, {"corrupt image": 5})
     with pytest.raises(DataError, match=r"test: 5 of 100 samples skipped"):

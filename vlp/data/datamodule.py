@@ -41,6 +41,7 @@ from vlp.data.stream import ModalityGroup, ShardStream, SourceStream, StreamConf
 from vlp.data.tokenization import Tokenizer
 from vlp.data.transforms import ImageTransform
 from vlp.errors import ConfigError, DataError
+from vlp.objectives.distributed import gather_objects
 from vlp.utils.paths import resolve_path
 
 log = logging.getLogger("vlp.data")
@@ -404,7 +405,7 @@ class WebDataModule(pl.LightningDataModule):
         st = self.stats.get(stage) or _new_stats()
         local = {k: st[k] for k in ("seen", "skipped", "reasons", "bad_shards")}
         report = {"seen": 0, "skipped": 0, "fraction": 0.0, "reasons": Counter(), "bad_shards": {}}
-        for part in _gather(local):
+        for part in gather_objects(local):
             report["seen"] += part["seen"]
             report["skipped"] += part["skipped"]
             report["reasons"].update(part["reasons"])
@@ -451,17 +452,6 @@ def _new_stats() -> dict:
         "epoch": 0,
         "done": False,
     }
-
-
-def _gather(value: dict) -> list[dict]:
-    """``value`` from every rank (one item without a process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [value]
-    values: list = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
 
 
 def expected_shard_sizes(split, urls: list[str]) -> dict[str, int]:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlp.data.collate import Collator, batches
 from vlp.data.pipeline import SampleDecoder, read_shards
 from vlp.errors import DataError
+from vlp.objectives.distributed import gather_objects
 
 log = logging.getLogger("vlp.data")
 
@@ -240,17 +241,6 @@ def set_global_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _all_ranks(value: dict) -> list[dict]:
-    """``value`` of every rank, in rank order (one item without a process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [value]
-    values: list = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
 #: settings that decide which batches a training stream yields, in the order of a warning
 STREAM_SETTINGS = ("num_workers", "world_size", "batch_size", "num_batches", "seed")
 
@@ -301,7 +291,12 @@ class StreamLoader(DataLoader):
         }
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches, **self.settings(), "rng": _all_ranks(global_rng_state())}
+        return {
+            "epoch": self.epoch,
+            "batches": self.batches,
+            **self.settings(),
+            "rng": gather_objects(global_rng_state()),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         rngs = state.get("rng") or []

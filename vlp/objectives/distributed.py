@@ -17,6 +17,17 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
+def gather_objects(value) -> list:
+    """``value`` (any picklable object) of every rank, in rank order; ``[value]`` when not
+    distributed."""
+    rank, world = world_info()
+    if world == 1:
+        return [value]
+    values: list = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sends every rank's gradient slice back to its owner.
 
