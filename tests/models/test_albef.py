@@ -277,3 +277,53 @@ def test_text_hash_ignores_padding_length():
     padded = text_hash(torch.tensor([[101, 7, 8, 102] + [0] * 96]), torch.tensor([[1] * 4 + [0] * 96]))
     other = text_hash(torch.tensor([[101, 8, 7, 102]]), torch.ones(1, 4, dtype=torch.long))
     assert torch.equal(short, padded) and not torch.equal(short, other)
+
+
+def _fit_on(model, batches: list[dict], **trainer_kwargs):
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return trainer
+
+
+def test_accumulated_micro_batches_all_join_the_queue_and_the_ema_follows_the_steps():
+    """accumulate_grad_batches 2 over 4 batches: 4 batches queued, 2 EMA updates (one per step)."""
+    model = tiny_albef(momentum=0.5)
+    itc = model.objectives[0]
+    itc.queue_size = 4 * B
+    itc.image_queue = torch.zeros(E, 4 * B)
+    itc.text_queue = torch.zeros(E, 4 * B)
+    itc.idx_queue = torch.full((4 * B,), -100)
+    updates = []
+    model.momentum_update = lambda: updates.append(model.trainer.global_step)
+    trainer = _fit_on(model, [batch(s) for s in range(4)], accumulate_grad_batches=2)
+    assert trainer.global_step == 2 and len(updates) == 2  # one EMA update per optimiser step
+    assert int(itc.queue_ptr) == 0  # 4 batches of B went round the 4 * B queue once
+    assert (itc.image_queue.abs().sum(0) > 0).all()  # every slot holds a queued feature
+
+
+def test_a_skipped_nonfinite_step_leaves_queue_and_momentum_copies_alone():
+    """optim.max_nonfinite_steps 1 and a NaN loss: no update, the batch's features are not queued
+    and the EMA does not move."""
+    from vlp.models.base import OptimConfig
+
+    model = tiny_albef(optim=OptimConfig(max_nonfinite_steps=1))
+    itc = model.objectives[0]
+    queue, ema, online = itc.image_queue.clone(), model.image_proj_m.weight.clone(), model.image_proj.weight.clone()
+    bad = batch(0)
+    bad["image"][:] = float("nan")
+    _fit_on(model, [bad])
+    assert model.nonfinite_steps == 1
+    assert torch.equal(model.image_proj.weight, online)  # no update
+    assert torch.equal(itc.image_queue, queue) and int(itc.queue_ptr) == 0
+    assert torch.equal(model.image_proj_m.weight, ema)

@@ -242,14 +242,28 @@ class ALBEF(VLPModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.after_optimizer_step()
+        self._stepped = True
+        if self.step_skipped:  # a non-finite step (optim.max_nonfinite_steps): nothing is kept of it
+            self.after_optimizer_step(enqueue=False, ema=False)
+        else:
+            self.after_optimizer_step()
 
-    def after_optimizer_step(self) -> None:
-        """The EMA update of the momentum copies, then the objectives' queues."""
-        self.momentum_update()
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """A micro-batch of an accumulated step (no optimiser step after it): its momentum
+        features join the queues now, as ALBEF queues every batch; the EMA waits for the step.
+        No checkpoint is written between micro-batches, so resuming stays exact."""
+        if not getattr(self, "_stepped", False):
+            self.after_optimizer_step(enqueue=not self.step_skipped, ema=False)
+        self._stepped = False
+
+    def after_optimizer_step(self, enqueue: bool = True, ema: bool = True) -> None:
+        """The EMA update of the momentum copies, then the objectives' queues (``enqueue``:
+        the last batch's momentum features join them; else they are dropped)."""
+        if ema:
+            self.momentum_update()
         for o in self.objectives:
             if hasattr(o, "after_step"):
-                o.after_step()
+                o.after_step(enqueue=enqueue)
 
     # -- evaluation: ITC over the split, then ITM re-ranking ------------------------------------
     def _eval_step(self, stage: str, batch: dict, idx: int) -> None:

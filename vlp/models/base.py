@@ -127,6 +127,7 @@ class VLPModule(pl.LightningModule):
         self.results: dict[str, dict] = {}  # evaluation results by "<stage>[/<source>]"
         self._task_metrics: dict[str, tuple] = {}  # "<stage>_<source>" → (task head, its metric)
         self.nonfinite_steps = 0  # steps skipped because of a NaN/inf loss or gradient
+        self.step_skipped = False  # this training step was skipped (read by optimizer_step hooks)
         for objective in self.objectives:
             objective.check(self.output_type, type(self).__name__)
 
@@ -221,6 +222,7 @@ class VLPModule(pl.LightningModule):
         return total, values
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.step_skipped = False
         objectives = self.objectives_for(batch)
         if batch.get("modality") not in self._checked_modalities:  # first batch of each modality
             for o in objectives:
@@ -264,6 +266,7 @@ class VLPModule(pl.LightningModule):
                 f"({self.nonfinite_steps - 1} such step(s) skipped before, optim.max_nonfinite_steps="
                 f"{self.optim.max_nonfinite_steps}). Lower optim.lr, add warm-up or gradient clipping"
             )
+        self.step_skipped = True
         log.warning("training step %d: %s; step skipped (%d so far)", step, what, self.nonfinite_steps)
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
 
@@ -403,6 +406,9 @@ class VLPModule(pl.LightningModule):
         self._eval_batch("test", batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "skip_report") and not self.trainer.sanity_checking:
+            dm.finish_stage("val", dm.skip_report("val"))  # on every rank: the counts are summed over ranks
         self._task_epoch_end("val")
         self._eval_epoch_end("val")
 
@@ -429,9 +435,10 @@ class VLPModule(pl.LightningModule):
         if dm is not None and hasattr(dm, "skip_report"):
             skipped = dm.skip_report("test")  # on every rank: the counts are summed over ranks
             dm.finish_stage("test", skipped)
+        # log_dir is a collective (broadcast from rank zero) under several processes: every rank asks
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if not results or not self.trainer.is_global_zero:
             return
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         record = {
             "model": type(self).__name__,

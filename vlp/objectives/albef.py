@@ -141,12 +141,15 @@ class MomentumITC(ITC):
         self.idx_queue.fill_(-100)
 
     @torch.no_grad()
-    def after_step(self) -> None:
-        """Enqueue the last training batch's momentum features (gathered from all ranks)."""
+    def after_step(self, enqueue: bool = True) -> None:
+        """Enqueue the last training batch's momentum features (gathered from all ranks);
+        ``enqueue=False`` drops them (a skipped non-finite step)."""
         if self._pending is None:
             return
-        image_m, text_m, ids = (gather_no_grad(t) for t in self._pending)
-        self._pending = None
+        pending, self._pending = self._pending, None
+        if not enqueue:
+            return
+        image_m, text_m, ids = (gather_no_grad(t) for t in pending)
         n = image_m.shape[0]
         if self.queue_size % n:
             raise ConfigError(
@@ -182,9 +185,12 @@ def sample_negatives(weights: torch.Tensor, forbidden: torch.Tensor, generator: 
 
     ``forbidden`` (B, B) bool marks columns that are not negatives (the pair itself and
     pairs sharing an image id). A row with no allowed weight falls back to uniform over
-    its allowed columns; a row with no allowed column at all raises.
+    its allowed columns; a row with no allowed column at all raises. Non-finite weights
+    (a model gone NaN) count as 0, so that the step reaches the loss, whose non-finite
+    value the module reports by step and objective.
     """
     w = weights.float().masked_fill(forbidden, 0.0)  # (B, B)
+    w = torch.where(torch.isfinite(w) & (w > 0), w, torch.zeros_like(w))
     empty = w.sum(1) <= 0
     if empty.any():
         uniform = (~forbidden).float()
