@@ -119,6 +119,17 @@ def test_truncated_tar_yields_complete_samples_once_then_counts_its_lost_tail(tm
     assert skips[0].reason.startswith("unreadable shard")
 
 
+def test_shard_cut_on_a_member_boundary_counts_what_the_manifest_says_it_lacks(tmp_path):
+    """A tar that ends cleanly after 6 of the 10 samples its manifest lists: 6 samples, then one
+    skip counting the 4 missing; with an estimated size (no shard_sizes) nothing is claimed."""
+    url = write_tar(tmp_path / "short.tar", _pairs(6))
+    out = list(read_shards([url], {url: 10}, exact=True))
+    skips = [o for o in out if isinstance(o, Skipped)]
+    assert len(out) == 7 and len(skips) == 1 and out[-1] is skips[0]
+    assert skips[0].count == 4 and skips[0].shard == url and skips[0].reason.startswith("short shard (6 of the 10")
+    assert not any(isinstance(o, Skipped) for o in read_shards([url], {url: 10}))
+
+
 # -- 3. skips during evaluation --------------------------------------------------------------
 class _Counter(VLPModule):
     """Counts the evaluated samples; the results are what on_test_end writes."""

@@ -175,7 +175,8 @@ class WebDataModule(pl.LightningDataModule):
             if self.check_shards:
                 check_local_shards(urls, f"{where} ({name})")
             decoder = SampleDecoder(modality, manifest.fields, transform)
-            stream = SourceStream(name, urls, src.weight, decoder, shard_sizes=expected_shard_sizes(split, urls))
+            sizes, exact = expected_shard_sizes(split, urls)
+            stream = SourceStream(name, urls, src.weight, decoder, shard_sizes=sizes, exact_sizes=exact)
             key = modality if train else f"{modality}#{i}"  # evaluation: one loader per source
             if key not in groups:
                 groups[key] = ModalityGroup(modality, [], Collator(modality, self.tokenizer, self.maskers))
@@ -454,14 +455,15 @@ def _new_stats() -> dict:
     }
 
 
-def expected_shard_sizes(split, urls: list[str]) -> dict[str, int]:
-    """Samples each of ``urls`` should hold: the split's ``shard_sizes`` when they match the
-    urls one to one, otherwise ``num_samples / len(urls)`` rounded up."""
+def expected_shard_sizes(split, urls: list[str]) -> tuple[dict[str, int], bool]:
+    """Samples each of ``urls`` should hold, and whether that is exact: the split's
+    ``shard_sizes`` when they match the urls one to one (exact), otherwise
+    ``num_samples / len(urls)`` rounded up (an estimate)."""
     sizes = getattr(split, "shard_sizes", None)
     if sizes is not None and len(sizes) == len(urls):
-        return dict(zip(urls, sizes, strict=True))
+        return dict(zip(urls, sizes, strict=True)), True
     each = math.ceil(split.num_samples / len(urls)) if urls else 0
-    return dict.fromkeys(urls, each)
+    return dict.fromkeys(urls, each), False
 
 
 def _check_settings(**values) -> None:

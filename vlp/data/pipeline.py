@@ -79,13 +79,17 @@ def _tar_samples(url: str) -> Iterator[dict | Skipped]:
         stream.close()
 
 
-def read_shards(urls: Iterable[str], shard_sizes: Mapping[str, int] | None = None) -> Iterator[dict | Skipped]:
+def read_shards(
+    urls: Iterable[str], shard_sizes: Mapping[str, int] | None = None, exact: bool = False
+) -> Iterator[dict | Skipped]:
     """Raw webdataset samples from ``urls``.
 
     A shard that cannot be opened or breaks mid-way yields the complete samples read before
     the break, then one :class:`Skipped` for the rest: ``shard_sizes[url]`` (the samples the
     shard should hold) minus those yielded, and at least 1. The sample being read when the
-    shard broke is part of that count, never yielded.
+    shard broke is part of that count, never yielded. With ``exact`` sizes (the manifest's
+    ``shard_sizes``), a shard that ends cleanly but short (a tar cut on a member boundary)
+    is one such Skipped too, for the samples it lacks.
     """
     sizes = shard_sizes or {}
     for url in urls:
@@ -99,6 +103,15 @@ def read_shards(urls: Iterable[str], shard_sizes: Mapping[str, int] | None = Non
             yield Skipped(
                 f"shard {url}",
                 f"unreadable shard ({type(e).__name__}: {e}; {lost} sample(s) lost after {done} read)",
+                count=lost,
+                shard=url,
+            )
+            continue
+        if exact and done < sizes.get(url, 0):
+            lost = sizes[url] - done
+            yield Skipped(
+                f"shard {url}",
+                f"short shard ({done} of the {sizes[url]} samples the manifest lists; {lost} lost)",
                 count=lost,
                 shard=url,
             )

@@ -48,6 +48,7 @@ class SourceStream:
     weight: float
     decoder: SampleDecoder
     shard_sizes: dict[str, int] = field(default_factory=dict)  # url → samples it should hold
+    exact_sizes: bool = False  # shard_sizes are the manifest's counts (else an estimate)
 
 
 @dataclass
@@ -150,7 +151,7 @@ class ShardStream(IterableDataset):
     def _raw(self, source: SourceStream, shards: list[str], rng: random.Random) -> Iterator:
         c = self.config
         if not c.train:
-            yield from read_shards(shards, source.shard_sizes)
+            yield from read_shards(shards, source.shard_sizes, source.exact_sizes)
             return
         while True:  # training: loop forever; the caller cuts the epoch
             if c.resampled:
@@ -158,7 +159,7 @@ class ShardStream(IterableDataset):
             else:
                 order = list(shards)
                 rng.shuffle(order)
-            yield from read_shards(order, source.shard_sizes)
+            yield from read_shards(order, source.shard_sizes, source.exact_sizes)
 
     def _group_examples(self, group: ModalityGroup, worker: int, num_workers: int, rng: random.Random) -> Iterator:
         c = self.config
