@@ -332,7 +332,7 @@ class WebDataModule(pl.LightningDataModule):
             if ended[dataloader_idx] == streams:  # every worker stream of this loader is through
                 self._loaders_done[stage].add(dataloader_idx)
                 done = len(self._loaders_done[stage]) >= max(1, len(self.groups.get(stage, [])))
-                if done and not (stage == "test" and self._rank()[1] > 1):  # tests: over all ranks, at the end
+                if done and not self._checked_at_end(stage):
                     self.finish_stage(stage)
         return batch
 
@@ -356,14 +356,24 @@ class WebDataModule(pl.LightningDataModule):
             if st["records"] < 20:  # the first few by name, then the summary
                 log.warning("skipped %s: %s", s.key, s.reason)
             st["records"] += 1
+        if self._checked_at_end(stage):
+            return
         if st["seen"] >= self.min_samples_for_skip_check:
             self._check_fraction(stage)
-        shards = self._num_shards(stage)
-        if st["bad_shards"] and shards and len(st["bad_shards"]) > self.max_bad_shard_fraction * shards:
-            bad = list(st["bad_shards"])
+        self._check_bad_shards(stage, st["bad_shards"], self._num_shards(stage), st["epoch"])
+
+    def _checked_at_end(self, stage: str) -> bool:
+        """Under several ranks, validation and test are checked only when they end, over the
+        counts of all ranks (VLPModule calls :meth:`skip_report` and :meth:`finish_stage` on
+        every rank): a check that stopped one rank alone would leave the others waiting."""
+        return stage in ("val", "test") and self._rank()[1] > 1
+
+    def _check_bad_shards(self, stage: str, bad_shards: dict, shards: int, epoch: int) -> None:
+        if bad_shards and shards and len(bad_shards) > self.max_bad_shard_fraction * shards:
+            bad = list(bad_shards)
             shown = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
             raise DataError(
-                f"{stage}: {len(bad)} of {shards} shard(s) could not be read in epoch {st['epoch']} "
+                f"{stage}: {len(bad)} of {shards} shard(s) could not be read in epoch {epoch} "
                 f"(> max_bad_shard_fraction={self.max_bad_shard_fraction:.1%}); see the warnings above:\n  {shown}"
             )
 
@@ -376,11 +386,12 @@ class WebDataModule(pl.LightningDataModule):
                 f"reasons: {dict(st['reasons'])}"
             )
 
-    def _num_shards(self, stage: str) -> int:
-        """Shards this rank reads in ``stage`` (all of them for resampled training)."""
+    def _num_shards(self, stage: str, all_ranks: bool = False) -> int:
+        """Shards this rank (or, ``all_ranks``, every rank) reads in ``stage`` (all of them for
+        resampled training)."""
         rank, world = self._rank()
         groups = self.groups.get("val" if stage == "sanity" else stage, [])
-        if stage == "train" and self.resampled:
+        if all_ranks or (stage == "train" and self.resampled):
             return sum(len(s.urls) for g in groups for s in g.sources)
         return sum(len(s.urls[rank::world]) for g in groups for s in g.sources)
 
@@ -388,7 +399,8 @@ class WebDataModule(pl.LightningDataModule):
         """End of a run of an evaluation stage (its loaders are exhausted, another stage began,
         or the test ended): log the summary and check ``max_skip_fraction`` over all of its
         samples, however few. With ``report`` (:meth:`skip_report`, summed over ranks) the
-        check uses the totals of all ranks, so that every rank stops or goes on alike."""
+        checks (``max_skip_fraction``, and ``max_bad_shard_fraction`` of the shards of all
+        ranks) use the totals of all ranks, so that every rank stops or goes on alike."""
         st = self.stats.get(stage)
         if st is None or (st["done"] and report is None):
             return
@@ -398,6 +410,8 @@ class WebDataModule(pl.LightningDataModule):
         counts = report or st
         if counts["seen"]:
             self._check_fraction(stage, counts)
+        if report is not None:
+            self._check_bad_shards(stage, report["bad_shards"], self._num_shards(stage, all_ranks=True), st["epoch"])
 
     def skip_report(self, stage: str) -> dict:
         """Counts of the last (or current) epoch or run of ``stage``, summed over ranks:
