@@ -138,21 +138,24 @@ def test_validation_skips_on_one_rank_stop_both_ranks(shapes, tmp_path):
     assert all("val: 10 of 200 samples skipped" in line and "max_skip_fraction" in line for line in lines), lines
 
 
-def test_nonfinite_loss_stops_both_ranks(shapes, tmp_path):
-    """lr 1e6 with optim.max_nonfinite_steps=0 on 2 processes: both ranks stop at the same step
-    with the "loss is not finite" sentence."""
+def test_nonfinite_loss_is_skipped_then_stops_on_both_ranks(shapes, tmp_path):
+    """lr 1e6 with optim.max_nonfinite_steps=1 on 2 processes: both ranks skip the first NaN step
+    together, then stop at the same next one with the "loss is not finite" sentence."""
     args = [
         "fit",
         *tiny_args(shapes, 20),
         "--model.init_args.optim.lr=1e6",
         "--model.init_args.optim.warmup_steps=0",
-        "--model.init_args.optim.max_nonfinite_steps=0",
+        "--model.init_args.optim.max_nonfinite_steps=1",
     ]
-    lines = errors(vlp_ddp(tmp_path / "run", args))
+    result = vlp_ddp(tmp_path / "run", args)
+    lines = errors(result)
     assert len(lines) == 2, lines
     steps = {line.split("training step ")[1].split(":")[0] for line in lines}
     assert len(steps) == 1, lines
-    assert all("the loss is not finite (itc_loss)" in line for line in lines), lines
+    assert all("the loss is not finite (itc_loss)" in line and "1 such step(s) skipped" in line for line in lines)
+    skipped = re.findall(r"training step (\d+): the loss is not finite \(itc_loss\); step skipped", result.stderr)
+    assert len(skipped) == 2 and len(set(skipped)) == 1 and int(skipped[0]) < int(steps.pop()), result.stderr[-3000:]
 
 
 def test_unreadable_shard_of_one_rank_is_checked_over_all_ranks(shapes, tokenizer, monkeypatch):

@@ -128,6 +128,7 @@ class VLPModule(pl.LightningModule):
         self._task_metrics: dict[str, tuple] = {}  # "<stage>_<source>" → (task head, its metric)
         self.nonfinite_steps = 0  # steps skipped because of a NaN/inf loss or gradient
         self.step_skipped = False  # this training step was skipped (read by optimizer_step hooks)
+        self._drop_gradients = False  # a skipped step's zero loss under several processes
         for objective in self.objectives:
             objective.check(self.output_type, type(self).__name__)
 
@@ -238,6 +239,11 @@ class VLPModule(pl.LightningModule):
         if not self._all_ranks_finite(loss):
             bad = [k for k, v in values.items() if k.endswith("_loss") and not torch.isfinite(v).all()]
             self._nonfinite(f"the loss is not finite ({', '.join(bad) or 'the weighted total'})")
+            if self._trainer is not None and self.trainer.world_size > 1:
+                # Lightning refuses a None step under several processes: a zero loss reaches every
+                # parameter (DDP syncs their gradients) and on_before_optimizer_step drops them
+                self._drop_gradients = True
+                return sum((p * 0).sum() for p in self.parameters() if p.requires_grad)
             return None  # Lightning skips the optimiser step
         bs = batch_size_of(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -273,6 +279,10 @@ class VLPModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Gradients that became NaN/inf (finite loss) stop the run before the weights take them;
         with fp16 loss scaling the scaler skips such steps itself."""
+        if self._drop_gradients:  # a skipped step under several processes
+            self._drop_gradients = False
+            optimizer.zero_grad(set_to_none=True)  # the optimiser step then changes nothing
+            return
         if self._trainer is not None and str(self.trainer.precision).startswith("16"):
             return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
