@@ -79,11 +79,13 @@ def with_corrupt_images(src: str, dst: Path, count: int) -> str:
     return str(dst)
 
 
-def retrieval_manifest(shapes: Path, folder: Path, split: str, corrupt: dict[int, int]) -> Path:
-    """The shapes retrieval manifest with ``corrupt[i]`` broken images in shard ``i`` of ``split``."""
+def retrieval_manifest(
+    shapes: Path, folder: Path, split: str, corrupt: dict[int, int], name: str = "shapes_retrieval.yaml"
+) -> Path:
+    """The shapes manifest ``name`` with ``corrupt[i]`` broken images in shard ``i`` of ``split``."""
     from vlp.data.manifest import expand_urls
 
-    manifest = yaml.safe_load((shapes / "shapes_retrieval.yaml").read_text())
+    manifest = yaml.safe_load((shapes / name).read_text())
     urls = expand_urls(manifest["splits"][split]["urls"])
     folder.mkdir(parents=True, exist_ok=True)
     for i, n in corrupt.items():
@@ -136,6 +138,23 @@ def test_validation_skips_on_one_rank_stop_both_ranks(shapes, tmp_path):
     lines = errors(result)
     assert len(lines) == 2, result.stderr[-3000:]
     assert all("val: 10 of 200 samples skipped" in line and "max_skip_fraction" in line for line in lines), lines
+
+
+def test_training_skips_on_one_rank_stop_both_ranks(shapes, tmp_path):
+    """60 corrupt images in one of rank 1's training shards (past max_skip_fraction on that rank
+    only): both ranks stop at the same step, rank 1 with the counts, rank 0 pointing to it."""
+    manifest = retrieval_manifest(shapes, tmp_path / "data", "train", {1: 60}, name="shapes_pair.yaml")
+    args = [
+        "fit",
+        *tiny_args(shapes, 20),
+        f"--data.init_args.train=[{{manifest: {manifest}, split: train}}]",
+        "--data.init_args.min_samples_for_skip_check=32",
+        "--data.init_args.max_bad_shard_fraction=1.0",
+    ]
+    lines = errors(vlp_ddp(tmp_path / "run", args))
+    assert len(lines) == 2, lines
+    assert sum("samples skipped" in line and "max_skip_fraction" in line for line in lines) == 1, lines
+    assert sum("another rank passed the data limits" in line for line in lines) == 1, lines
 
 
 def test_nonfinite_loss_is_skipped_then_stops_on_both_ranks(shapes, tmp_path):

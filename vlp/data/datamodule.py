@@ -156,6 +156,7 @@ class WebDataModule(pl.LightningDataModule):
         self.check_shards = check_shards
         self.seed = seed
         self.groups: dict[str, list[ModalityGroup]] = {}
+        self.pending_error: DataError | None = None  # a training limit passed on this rank (several ranks)
         self.stats: dict[str, dict] = defaultdict(_new_stats)
         self._active_stage: str | None = None
         self._ended: dict[str, Counter] = defaultdict(Counter)  # stage → loader → worker streams ended
@@ -358,9 +359,16 @@ class WebDataModule(pl.LightningDataModule):
             st["records"] += 1
         if self._checked_at_end(stage):
             return
-        if st["seen"] >= self.min_samples_for_skip_check:
-            self._check_fraction(stage)
-        self._check_bad_shards(stage, st["bad_shards"], self._num_shards(stage), st["epoch"])
+        try:
+            if st["seen"] >= self.min_samples_for_skip_check:
+                self._check_fraction(stage)
+            self._check_bad_shards(stage, st["bad_shards"], self._num_shards(stage), st["epoch"])
+        except DataError as e:
+            if stage != "train" or self._rank()[1] == 1:
+                raise
+            # several ranks: this rank's limit is passed; every rank stops together at the next
+            # training step (VLPModule asks all ranks with one all-reduce), none waits alone
+            self.pending_error = self.pending_error or e
 
     def _checked_at_end(self, stage: str) -> bool:
         """Under several ranks, validation and test are checked only when they end, over the

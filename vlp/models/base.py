@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from vlp.errors import CheckpointError, ConfigError, NonFiniteError
+from vlp.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from vlp.eval.compare import RESULTS_FILE
 from vlp.models.outputs import VLPOutput
 from vlp.objectives.base import Objective
@@ -224,6 +224,7 @@ class VLPModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.step_skipped = False
+        self._stop_with_any_rank()
         objectives = self.objectives_for(batch)
         if batch.get("modality") not in self._checked_modalities:  # first batch of each modality
             for o in objectives:
@@ -260,6 +261,22 @@ class VLPModule(pl.LightningModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         return finite
+
+    def _stop_with_any_rank(self) -> None:
+        """Under several ranks, a data limit passed on one rank (``WebDataModule.pending_error``:
+        too many skipped samples or unreadable shards in training) stops every rank at the same
+        step, each with that rank's message or a sentence pointing to it."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "pending_error"):
+            return
+        mine = dm.pending_error
+        if self.trainer.strategy.reduce_boolean_decision(mine is not None, all=False):
+            raise mine or DataError(
+                "train: another rank passed the data limits (max_skip_fraction / max_bad_shard_fraction); "
+                "its error message names the samples and shards"
+            )
 
     def _nonfinite(self, what: str) -> None:
         """Stop (a ``FloatingPointError`` naming the step), or count a skipped step while
