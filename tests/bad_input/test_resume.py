@@ -299,3 +299,23 @@ def test_resume_fallback_picks_the_newest_complete_checkpoint(tmp_path, caplog):
         path.write_bytes(path.read_bytes()[:10])
     with pytest.raises(CheckpointError, match="no other complete checkpoint"):
         resolve_resume_checkpoint(cut)
+
+
+def test_training_skip_counts_survive_a_resume(tmp_path, tokenizer):
+    """The datamodule's training skip counts are saved (plain data, weights_only) and restored, so a
+    resumed epoch goes on counting towards max_skip_fraction instead of starting at zero."""
+    from vlp.data import WebDataModule
+    from vlp.data.pipeline import Skipped
+
+    dm = WebDataModule(tokenizer=tokenizer, min_samples_for_skip_check=10**6)
+    dm.record(
+        "train", 0, 30, [Skipped("a.tar:1", "corrupt image (x)"), Skipped("b.tar", "unreadable shard", 5, "b.tar")]
+    )
+    torch.save({"dm": dm.state_dict()}, tmp_path / "state.pt")
+    resumed = WebDataModule(tokenizer=tokenizer, min_samples_for_skip_check=10**6)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True)["dm"])
+    st = resumed.stats["train"]
+    assert (st["seen"], st["skipped"], st["bad_shards"]) == (36, 6, {"b.tar": 5})
+    assert st["reasons"] == {"corrupt image": 1, "unreadable shard": 5}
+    resumed.record("train", 0, 10, [Skipped("a.tar:2", "corrupt image (y)")])
+    assert (resumed.stats["train"]["seen"], resumed.stats["train"]["skipped"]) == (47, 7)

@@ -450,6 +450,23 @@ class WebDataModule(pl.LightningDataModule):
                 f"; unreadable shards: {list(st['bad_shards'])}" if st["bad_shards"] else "",
             )
 
+    # -- resume: the training skip counts go on where they were ----------------------------
+    def state_dict(self) -> dict:
+        """The training skip counts of every rank (Lightning saves this in each checkpoint), so
+        that a resumed epoch goes on counting towards its limits instead of starting afresh."""
+        st = self.stats.get("train")
+        mine = None if st is None else {**st, "reasons": dict(st["reasons"]), "bad_shards": dict(st["bad_shards"])}
+        return {"train_skips": gather_objects(mine)}
+
+    def load_state_dict(self, state: dict) -> None:
+        parts = state.get("train_skips") or []
+        rank, world = self._rank()
+        if len(parts) != world or parts[rank] is None:
+            return  # another world size, or nothing counted yet: the counts start afresh
+        st = dict(parts[rank])
+        st["reasons"] = Counter(st["reasons"])
+        self.stats["train"] = {**_new_stats(), **st}
+
     def teardown(self, stage: str) -> None:
         for s in list(self.stats):
             if not self.stats[s]["done"]:
