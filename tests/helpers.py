@@ -87,3 +87,37 @@ def shrink_recipe(cfg: dict, width: int, *, steps: int, image_size: int = 32) ->
         "pooling": "mean",
     }
     return cfg
+
+
+def quiet_trainer(**kwargs):
+    """A CPU Trainer for tests: no logger, checkpoints, progress bar, model summary or sanity check."""
+    import lightning.pytorch as pl
+
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    return pl.Trainer(**{**settings, **kwargs})
+
+
+def tiny_bert(
+    vocab_size: int, hidden_size: int, *, intermediate_size: int = 64, max_position_embeddings: int = 16, **overrides
+):
+    """A 1-layer, 2-head random BERT text tower (``vlp.encoders.HFTextEncoder``) for tests."""
+    from vlp.encoders import HFTextEncoder
+
+    config = dict(
+        model_type="bert",
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+    )
+    return HFTextEncoder(config={**config, **overrides})

@@ -9,7 +9,7 @@ import logging
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import MINILM
+from helpers import MINILM, quiet_trainer, tiny_bert
 
 from vlp.blocks import CoAttentionFusion, TextDecoder
 from vlp.data import HFTokenizer, WebDataModule
@@ -31,16 +31,8 @@ def vit(img_size: int = 32, **kwargs) -> TimmVisionEncoder:
 
 
 def bert(model_type: str = "bert", **overrides) -> HFTextEncoder:
-    config = dict(
-        model_type=model_type,
-        vocab_size=VOCAB,
-        hidden_size=W,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=40,
-    )
-    return HFTextEncoder(config={**config, **overrides})
+    settings = {"intermediate_size": 48, "max_position_embeddings": 40, "model_type": model_type, **overrides}
+    return tiny_bert(settings.pop("vocab_size", VOCAB), settings.pop("hidden_size", W), **settings)
 
 
 def meter(objectives, *, image=None, text=None, fusion_dim: int = D, **kwargs) -> METER:
@@ -215,9 +207,7 @@ class _Data(pl.LightningDataModule):
 
 def test_fit_checks_the_datamodule_before_step_one(tmp_path):
     """Trainer.fit with a tokenizer longer than the text positions: ConfigError from setup, before any batch."""
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
-    )
+    trainer = quiet_trainer(max_steps=1, default_root_dir=tmp_path)
     with pytest.raises(ConfigError, match="data.tokenizer.max_length is 64"):
         trainer.fit(meter(meter_objectives()), datamodule=_Data(max_length=64))
 

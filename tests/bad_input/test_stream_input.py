@@ -7,11 +7,10 @@ import io
 import itertools
 import json
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from helpers import jpeg_bytes, write_tar
+from helpers import jpeg_bytes, quiet_trainer, write_tar
 from PIL import Image
 
 from vlp.data import Manifest, Source, Split, WebDataModule
@@ -145,16 +144,8 @@ class _Counter(VLPModule):
         pass
 
 
-def _trainer(tmp_path) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
+def _trainer(tmp_path):
+    return quiet_trainer(default_root_dir=str(tmp_path))
 
 
 def _bad(n: int) -> list[dict]:

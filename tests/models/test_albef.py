@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_bert
 
-from vlp.encoders import BertFusion, HFTextEncoder, TimmVisionEncoder
+from vlp.encoders import BertFusion, TimmVisionEncoder
 from vlp.errors import ConfigError
 from vlp.models import ALBEF
 from vlp.objectives import ITM, MLM, MomentumITC
@@ -26,17 +27,7 @@ def tiny_albef(**kwargs) -> ALBEF:
         pool="cls",
         model_kwargs=dict(patch_size=16, embed_dim=D, depth=1, num_heads=2),
     )
-    text = HFTextEncoder(
-        config=dict(
-            model_type="bert",
-            vocab_size=V,
-            hidden_size=D,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=16,
-        )
-    )
+    text = tiny_bert(V, D)
     fusion = BertFusion(D, 1, 2, context_dim=D, mlp_ratio=2.0, drop=0.0, attn_drop=0.0)
     objectives = kwargs.pop("objectives", None) or [
         MomentumITC(queue_size=Q, embed_dim=E),
@@ -280,18 +271,9 @@ def test_text_hash_ignores_padding_length():
 
 
 def _fit_on(model, batches: list[dict], **trainer_kwargs):
-    import lightning.pytorch as pl
+    from helpers import quiet_trainer
 
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **trainer_kwargs,
-    )
+    trainer = quiet_trainer(max_epochs=1, **trainer_kwargs)
     trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return trainer
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_bert
 
 from vlp.blocks import CoAttentionFusion, MergedAttentionFusion
-from vlp.encoders import HFTextEncoder, TimmVisionEncoder
+from vlp.encoders import TimmVisionEncoder
 from vlp.errors import ConfigError
 from vlp.models import METER, OptimConfig
 from vlp.objectives import ITC, ITM, MIM, MLM, NLVR2, VE, VQA, MomentumITC
@@ -23,17 +24,7 @@ def tiny_meter(fusion: str = "co", objectives=None, **kwargs) -> METER:
         pool="cls",
         model_kwargs=dict(patch_size=16, embed_dim=Dv, depth=1, num_heads=2),
     )
-    text = HFTextEncoder(
-        config=dict(
-            model_type="bert",
-            vocab_size=V,
-            hidden_size=Dt,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=16,
-        )
-    )
+    text = tiny_bert(V, Dt)
     cls = CoAttentionFusion if fusion == "co" else MergedAttentionFusion
     fuse = cls(D, 1, 2, mlp_ratio=2.0)
     if objectives is None:
