@@ -254,6 +254,10 @@ class VLPModule(pl.LightningModule):
             self.log("train/skipped", float(batch["num_skipped"]), on_step=False, on_epoch=True, reduce_fx="sum")
         return loss
 
+    def _datamodule(self):
+        """The trainer's datamodule, or None (no trainer, or plain DataLoaders)."""
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
     # -- non-finite losses and gradients -------------------------------------------------------
     def _all_ranks_finite(self, value: torch.Tensor) -> bool:
         """Whether ``value`` is finite on every rank (so that all ranks skip a step together)."""
@@ -268,7 +272,7 @@ class VLPModule(pl.LightningModule):
         step, each with that rank's message or a sentence pointing to it."""
         if self._trainer is None or self.trainer.world_size == 1:
             return
-        dm = getattr(self.trainer, "datamodule", None)
+        dm = self._datamodule()
         if dm is None or not hasattr(dm, "pending_error"):
             return
         mine = dm.pending_error
@@ -423,7 +427,7 @@ class VLPModule(pl.LightningModule):
 
     def _source_names(self, stage: str) -> list[str]:
         """Names of the evaluation sources (one per DataLoader) of ``stage``."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        dm = self._datamodule()
         return dm.eval_source_names(stage) if hasattr(dm, "eval_source_names") else []
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -433,7 +437,7 @@ class VLPModule(pl.LightningModule):
         self._eval_batch("test", batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = self._datamodule()
         if dm is not None and hasattr(dm, "skip_report") and not self.trainer.sanity_checking:
             dm.finish_stage("val", dm.skip_report("val"))  # on every rank: the counts are summed over ranks
         self._task_epoch_end("val")
@@ -457,7 +461,7 @@ class VLPModule(pl.LightningModule):
         results = self.results
         if self._trainer is None:
             return
-        dm = getattr(self.trainer, "datamodule", None)
+        dm = self._datamodule()
         skipped = None
         if dm is not None and hasattr(dm, "skip_report"):
             skipped = dm.skip_report("test")  # on every rank: the counts are summed over ranks
@@ -495,7 +499,7 @@ class VLPModule(pl.LightningModule):
                 check_writable(getattr(callback, "dirpath", None))
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self._datamodule()
         if datamodule is not None:
             self.check_data(datamodule)
         if stage == "fit" and self.init_from and not (self.trainer and self.trainer.ckpt_path):

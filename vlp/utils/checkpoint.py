@@ -21,8 +21,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = resolve_path(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the save was interrupted or the file was cut")
+    _refuse_empty(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -40,8 +39,23 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ) from None
 
 
+def _refuse_empty(path: str) -> None:
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the save was interrupted or the file was cut")
+
+
 #: ``ckpt_path`` values that Lightning resolves itself (to a ModelCheckpoint's file)
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+
+
+def _is_remote(text: str) -> bool:
+    """A URL of a remote filesystem (any ``scheme://`` but ``file://``)."""
+    return "://" in text and not text.startswith("file://")
+
+
+def _local_path(text: str) -> str:
+    """A local path, ``file://`` prefix removed and ``${VAR}``/``pkg://`` resolved."""
+    return resolve_path(text[len("file://") :] if text.startswith("file://") else text)
 
 
 def check_ckpt_path(path: str | os.PathLike, *, allow_remote: bool = False) -> str:
@@ -53,14 +67,14 @@ def check_ckpt_path(path: str | os.PathLike, *, allow_remote: bool = False) -> s
     text = str(path)
     if text in LIGHTNING_CKPT_NAMES or text.startswith("registry:"):
         return text
-    if "://" in text and not text.startswith("file://"):
+    if _is_remote(text):
         if not allow_remote:
             raise CheckpointError(
                 f"ckpt_path {text} is remote; vlp does not load checkpoints from the network unless "
                 "--allow_remote_ckpt is given (it is then read with weights_only=True)"
             )
         return text
-    local = resolve_path(text[len("file://") :] if text.startswith("file://") else text)
+    local = _local_path(text)
     if not os.path.isfile(local):
         raise CheckpointError(f"ckpt_path not found: {local}")
     check_complete(local)
@@ -72,8 +86,7 @@ def check_complete(path: str) -> None:
     format: its central directory, written last, is present). Reads only the directory."""
     import zipfile
 
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the save was interrupted or the file was cut")
+    _refuse_empty(path)
     try:
         with zipfile.ZipFile(path) as z:
             z.namelist()
@@ -117,16 +130,15 @@ def resolve_resume_checkpoint(path: str | os.PathLike, callbacks=None) -> str:
     import logging
 
     text = str(path)
-    remote = "://" in text and not text.startswith("file://")
     if text == "last":
         dirs = _checkpoint_dirs(callbacks)
         names = [(d, f) for d in dirs for f in os.listdir(d)]
         lasts = [os.path.join(d, f) for d, f in names if f.startswith("last") and f.endswith(".ckpt")]
         target = max(lasts, key=os.path.getmtime) if lasts else None
-    elif text in LIGHTNING_CKPT_NAMES or text.startswith("registry:") or remote:
+    elif text in LIGHTNING_CKPT_NAMES or text.startswith("registry:") or _is_remote(text):
         return text
     else:
-        target = os.path.abspath(resolve_path(text[len("file://") :] if text.startswith("file://") else text))
+        target = os.path.abspath(_local_path(text))
         if not os.path.isfile(target):
             return text  # check_ckpt_path names the missing file
         dirs = [os.path.dirname(target)]
