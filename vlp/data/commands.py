@@ -105,11 +105,11 @@ def _convert(ns: argparse.Namespace):
 
 
 # -- inspect ----------------------------------------------------------------------------------
-def count_local(urls: list[str]) -> tuple[int, Counter]:
-    """Samples and per-extension file counts of local tar shards (reads headers only)."""
-    keys, exts = 0, Counter()
+def count_local(urls: list[str]) -> tuple[list[int], Counter]:
+    """Samples per shard and per-extension file counts of local tar shards (reads headers only)."""
+    sizes, exts = [], Counter()
     for url in urls:
-        last = None
+        keys, last = 0, None
         try:
             with tarfile.open(url) as tar:
                 for member in tar:
@@ -123,7 +123,8 @@ def count_local(urls: list[str]) -> tuple[int, Counter]:
                     exts[ext] += 1
         except (OSError, tarfile.TarError) as e:
             raise DataError(f"cannot read shard {url}: {e}") from None
-    return keys, exts
+        sizes.append(keys)
+    return sizes, exts
 
 
 def _guess_modality(exts: Counter) -> str:
@@ -177,7 +178,8 @@ def _inspect(ns: argparse.Namespace) -> dict:
         if not urls:
             raise ConfigError(f"{name}: {pattern!r} matches no shards")
         local = all(os.path.isfile(u) for u in urls)
-        count, exts = count_local(urls) if local else (None, Counter())
+        sizes, exts = count_local(urls) if local else (None, Counter())
+        count = sum(sizes) if sizes is not None else None
         modality = modality or _guess_modality(exts)
         print(f"{name}: {len(urls)} shard(s), modality {modality}")
         print(

@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import shutil
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -434,14 +433,12 @@ def _shard_name(prefix: str, index: int) -> str:
 
 def _shard_sizes(shards: list[Path]) -> list[int]:
     """Samples per shard, counted from the tar headers as a reader will see them."""
-    sizes = []
-    for shard in shards:
-        try:
-            with tarfile.open(shard) as tar:
-                sizes.append(len({m.name.partition(".")[0] for m in tar if m.isfile()}))
-        except (OSError, tarfile.TarError) as e:
-            raise DataError(f"cannot re-read the shard just written, {shard}: {e}") from None
-    return sizes
+    from vlp.data.commands import count_local
+
+    try:
+        return count_local([str(shard) for shard in shards])[0]
+    except DataError as e:
+        raise DataError(f"cannot re-read the shards just written: {e}") from None
 
 
 def _merged_manifest(
