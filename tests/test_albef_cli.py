@@ -149,7 +149,7 @@ def test_finetune_from_the_checkpoint_at_another_resolution_and_queue(workdir, p
     # ... and was then trained: the first fusion layer moved away from the checkpoint
     key = next(k for k in before if k.startswith("fusion.") and k.endswith("weight"))
     assert not torch.equal(model.state_dict()[key], before[key])
-    itc = model.objectives[0]
+    itc = model.objectives["itc"]
     assert itc.positives == "same_id" and itc.image_queue.shape[1] == 32
     assert int(itc.queue_ptr) == 3 * 16 % 32  # its own queue, filled from 0 by the 3 steps
 

@@ -94,8 +94,8 @@ def test_tiny_ablations_build(ablation):
     parser = ArgumentParser()
     parser.add_subclass_arguments(ALBEF, "model")
     model = parser.instantiate(parser.parse_object({"model": config})).model
-    assert [o.name for o in model.objectives] == (["itc"] if "_itc_" in ablation.name else []) + ["itm", "mlm"]
-    itm, mlm = model.objectives[-2], model.objectives[-1]
+    assert list(model.objectives) == (["itc"] if "_itc_" in ablation.name else []) + ["itm", "mlm"]
+    itm, mlm = model.objectives["itm"], model.objectives["mlm"]
     assert itm.hard_negatives == ("hard" in ablation.name)
     assert mlm.distill == ablation.name.endswith("_mod.yaml")
     assert model.use_momentum == ("_itc_" in ablation.name)
@@ -139,7 +139,7 @@ def test_tiny_meter_ablations_build_and_train_a_step(ablation):
     fused = model.fusion.text_layers if ablation.name.endswith("_mlm.yaml") else model.fusion
     assert all(p.grad is not None for p in fused.parameters())
     extra = [name for name in ("itc", "mim") if f"_{name}" in ablation.name]
-    assert [o.name for o in model.objectives] == (
+    assert list(model.objectives) == (
         ["mlm"]
         if ablation.name.endswith("_mlm.yaml")
         else ["dlm", "itm"]
@@ -152,7 +152,7 @@ def test_tiny_meter_ablations_build_and_train_a_step(ablation):
 
 def test_tiny_encoder_decoder_vqa_recipe_trains_and_answers_in_words(capsys):
     model = _build(REPO / "recipes/finetune/tiny_meter_vqa.yaml", REPO / "recipes/ablations/meter_tiny_encdec_vqa.yaml")
-    vqa = model.objectives[0]
+    vqa = model.objectives["vqa"]
     assert vqa.name == "vqa" and model.text_pooler is None and vqa.max_answer_tokens == 4
     b = {**pair_batch(), "modality": "vqa", "question_type": ["color", "count", "exist", "spatial"]}
     b["answers"] = [["red"] * 10, ["2"] * 10, ["yes"] * 10, ["left"] * 10]
@@ -171,8 +171,8 @@ def test_tiny_encoder_decoder_vqa_recipe_trains_and_answers_in_words(capsys):
 
 def test_tiny_meter_retrieval_recipe_trains_and_ranks_a_subset(capsys):
     model = _build(REPO / "recipes/finetune/tiny_meter_retrieval.yaml")
-    assert [o.name for o in model.objectives] == ["itm", "irtr"]
-    head = model.objectives[1]
+    assert list(model.objectives) == ["itm", "irtr"]
+    head = model.objectives["irtr"]
     assert (head.k, head.max_images, head.negatives) == (None, 100, 3)
     b = {**pair_batch(), "modality": "retrieval"}
     b["text_ids"], b["text_mask"] = b["text_ids"].repeat_interleave(2, 0), b["text_mask"].repeat_interleave(2, 0)

@@ -35,7 +35,7 @@ def _build_cli_class():
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     from vlp.models.base import VLPModule
-    from vlp.utils.checkpoint import check_ckpt_path, load_state_dict_by_objective, shape_mismatches, split_unused_heads
+    from vlp.utils.checkpoint import check_ckpt_path, load_state_dict, shape_mismatches, split_unused_heads
 
     class ConfigToCheckpoint(SaveConfigCallback):
         """Saves config.yaml to the log dir and the same YAML text into every checkpoint."""
@@ -63,7 +63,7 @@ def _build_cli_class():
             if not self.weights:
                 return
             # a recipe given with --config may list other objectives: heads load by name
-            state = load_state_dict_by_objective(self.weights, [o.name for o in self.model.objectives])
+            state = load_state_dict(self.weights)  # heads are keyed by objective name
             wrong = shape_mismatches(state, self.model)
             if wrong:
                 raise CheckpointError(
@@ -71,7 +71,7 @@ def _build_cli_class():
                     f"have other shapes ({'; '.join(wrong[:5])}{'; ...' if len(wrong) > 5 else ''})"
                 )
             result = self.model.load_state_dict(state, strict=False)
-            unused, unexpected = split_unused_heads(result.unexpected_keys)
+            unused, unexpected = split_unused_heads(result.unexpected_keys, list(self.model.objectives))
             if result.missing_keys or unexpected:
                 raise CheckpointError(
                     f"checkpoint {self.weights} does not fit {type(self.model).__name__}: "

@@ -14,7 +14,8 @@ from vlp.encoders import BertFusion, TimmVisionEncoder
 from vlp.errors import ConfigError
 from vlp.models import ALBEF
 from vlp.objectives import ITM, MLM, MomentumITC
-from vlp.objectives.albef import sample_negatives, soft_cross_entropy
+from vlp.objectives.itm import sample_negatives
+from vlp.objectives.momentum_itc import soft_cross_entropy
 
 V, D, E, B, L, Q = 50, 32, 16, 4, 7, 8
 
@@ -104,7 +105,7 @@ def test_momentum_itc_against_hand_computed_value():
 
 def test_queue_and_ema_update_in_training_only():
     model = tiny_albef()
-    itc = model.objectives[0]
+    itc = model.objectives["itc"]
     queue_before = itc.image_queue.clone()
     ema_before = model.image_proj_m.weight.clone()
     model.eval()
@@ -140,7 +141,7 @@ def test_queue_positives_by_id_or_identical_caption(positives):
     out.text_embeds = out.text_embeds_m = F.normalize(torch.randn(2, 2), dim=-1)
     itc.train()
     itc(out, b, None)
-    itc.after_step()
+    itc.after_optimizer_step(None)
     ids = itc.sample_ids(b)
     assert torch.equal(itc.idx_queue[:2], ids) and ids[0] != ids[1]
     # the same batch again: each row now has 2 positives (itself and its queued copy)
@@ -187,7 +188,7 @@ def test_itm_loss_by_hand():
     b = batch()
     out = model(b)
     torch.manual_seed(1)
-    itm = model.objectives[0]
+    itm = model.objectives["itm"]
     got = itm(out, b, model)
     torch.manual_seed(1)
     neg_image, neg_text = itm.negatives(out, b, model)
@@ -204,9 +205,9 @@ def test_mlm_loss_by_hand_without_distillation():
     model.eval()
     b = batch()
     out = model(b)
-    got = model.objectives[0](out, b, model)["mlm_loss"]
+    got = model.objectives["mlm"](out, b, model)["mlm_loss"]
     hidden = model.fuse(model.text_encoder(b["mlm_input_ids"], b["text_mask"]).tokens, b["text_mask"], out.image_tokens)
-    head = model.objectives[0].head
+    head = model.objectives["mlm"].head
     logits = F.layer_norm(F.gelu(head.dense(hidden[:, 2])), (D,), head.norm.weight, head.norm.bias, 1e-12)
     logits = logits @ model.text_encoder.model.get_input_embeddings().weight.T + head.bias
     torch.testing.assert_close(got, F.cross_entropy(logits, b["mlm_labels"][:, 2]))
@@ -218,7 +219,7 @@ def test_mlm_distillation_mixes_soft_targets():
     model.alpha_ramp_steps = None
     b = batch()
     out = model(b)
-    mlm = model.objectives[2]
+    mlm = model.objectives["mlm"]
     full = mlm(out, b, model)["mlm_loss"]
     model.alpha = 0.0
     hard = mlm(out, b, model)["mlm_loss"]
@@ -245,11 +246,7 @@ def test_retrieval_evaluation_with_itm_reranking(capsys):
     model = tiny_albef()
     model.rerank_k = 3
     model.eval()
-    with torch.no_grad():
-        for seed in (0, 1):
-            model.test_step(batch(seed), 0)
-        model._eval_epoch_end("test")
-    result = model.results["test"]
+    result = model.evaluate([batch(0), batch(1)])
     assert result["num_images"] == 2 * B and result["num_texts"] == 2 * B
     scores = result["scores"]
     for key in ("i2t_r1", "t2i_r1", "rmean", "itm_i2t_r1", "itm_t2i_r1", "itm_rmean", "itm_acc"):
@@ -257,11 +254,11 @@ def test_retrieval_evaluation_with_itm_reranking(capsys):
     assert scores["itm_i2t_r10"] == scores["i2t_r10"] == 100  # 8 candidates: everything is in the top 10
     out = capsys.readouterr().out
     assert "ITC+ITM" in out and "chance" in out
-    assert not model._eval  # the stored features are released
+    assert not model._evaluators  # the stored features are released
 
 
 def test_text_hash_ignores_padding_length():
-    from vlp.objectives.albef import text_hash
+    from vlp.objectives.momentum_itc import text_hash
 
     ids = torch.tensor([[101, 7, 8, 102]])
     short = text_hash(ids, torch.ones(1, 4, dtype=torch.long))
@@ -281,13 +278,13 @@ def _fit_on(model, batches: list[dict], **trainer_kwargs):
 def test_accumulated_micro_batches_all_join_the_queue_and_the_ema_follows_the_steps():
     """accumulate_grad_batches 2 over 4 batches: 4 batches queued, 2 EMA updates (one per step)."""
     model = tiny_albef(momentum=0.5)
-    itc = model.objectives[0]
+    itc = model.objectives["itc"]
     itc.queue_size = 4 * B
     itc.image_queue = torch.zeros(E, 4 * B)
     itc.text_queue = torch.zeros(E, 4 * B)
     itc.idx_queue = torch.full((4 * B,), -100)
     updates = []
-    model.momentum_update = lambda: updates.append(model.trainer.global_step)
+    model.momentum_update = lambda m: updates.append(model.trainer.global_step)
     trainer = _fit_on(model, [batch(s) for s in range(4)], accumulate_grad_batches=2)
     assert trainer.global_step == 2 and len(updates) == 2  # one EMA update per optimiser step
     assert int(itc.queue_ptr) == 0  # 4 batches of B went round the 4 * B queue once
@@ -300,7 +297,7 @@ def test_a_skipped_nonfinite_step_leaves_queue_and_momentum_copies_alone():
     from vlp.models.base import OptimConfig
 
     model = tiny_albef(optim=OptimConfig(max_nonfinite_steps=1))
-    itc = model.objectives[0]
+    itc = model.objectives["itc"]
     queue, ema, online = itc.image_queue.clone(), model.image_proj_m.weight.clone(), model.image_proj.weight.clone()
     bad = batch(0)
     bad["image"][:] = float("nan")

@@ -111,7 +111,7 @@ def test_match_features_by_hand():
 
 
 def test_mlm_head_untied_or_tied():
-    untied = tiny_meter().objectives[0]
+    untied = tiny_meter().objectives["mlm"]
     assert untied.head.decoder.shape == (V, D) and untied.head_m is None
     # tying needs the fused width to equal the word-embedding width
     with pytest.raises(ConfigError, match="tie_weights: false"):
@@ -144,11 +144,12 @@ def test_pretraining_evaluation_reports_itm_and_mlm_accuracy():
     b = batch(modality="retrieval")
     # two captions per image in a retrieval batch: text_image_id maps captions to images
     b["text_image_id"] = torch.tensor([0, 0, 1, 3])
-    model._eval_step("val", b, 0)
-    model._eval_step("val", batch(1), 0)
-    stats = model._eval["val_0"]
+    model._evaluators["val"] = []
+    model._eval_batch("val", b, 0)
+    model._eval_batch("val", batch(1), 0)
+    stats = model._evaluators["val"][0].stats
     assert stats["itm_True_n"] == 2 * B and stats["itm_False_n"] == 2 * B and stats["mlm_n"] == 2 * B
-    model._eval_epoch_end("val")
+    model._finish_evaluation("val")
     scores = model.results["val"]["scores"]
     assert set(scores) == {"itm_acc", "mlm_acc"} and 0 <= scores["itm_acc"] <= 100
 
@@ -187,10 +188,10 @@ def test_meter_fine_tunes_and_evaluates_vqa_and_ve():
         model.zero_grad()
         loss = model.training_step(b, 0)
         loss.backward()
-        head = next(o for o in model.objectives if o.name == objective)
+        head = model.objectives[objective]
         assert all(p.grad is not None for p in head.parameters())
         assert model.fusion.text_layers[0].attn.qkv.weight.grad is not None
-        other = next(o for o in model.objectives if o.name != objective)
+        other = next(o for n, o in model.objectives.items() if n != objective)
         assert all(p.grad is None for p in other.parameters())  # a batch trains its own head only
     model.eval()
     model._eval_batch("val", vqa, 0)
@@ -199,7 +200,7 @@ def test_meter_fine_tunes_and_evaluates_vqa_and_ve():
     model.on_test_epoch_end()
     assert model.results["val"]["task"] == "vqa" and set(model.results["val"]["scores"]) == {"overall", "other"}
     assert model.results["test"]["task"] == "ve" and set(model.results["test"]["scores"]) == {"acc"}
-    with pytest.raises(ConfigError, match="no task head for 'nlvr2'"):
+    with pytest.raises(ConfigError, match="no val evaluation for 'nlvr2'"):
         model._eval_batch("val", {**vqa, "modality": "nlvr2"}, 0)
 
 
@@ -222,7 +223,7 @@ def test_nlvr2_fuses_the_sentence_with_each_image():
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
     model.eval()
-    head = model.objectives[0]
+    head = model.objectives["nlvr2"]
     with torch.no_grad():
         out = model(b)
         right, _ = model.embed_image(b["image2"], token_type=2)
@@ -262,7 +263,7 @@ def test_mim_regresses_masked_patches_through_the_fusion():
     b["image_mask"] = mask
     step_reaches_every_parameter(model, b)
     # the loss by hand: per-patch normalised pixels of the masked patches
-    mim = model.objectives[2]
+    mim = model.objectives["mim"]
     model.eval()
     with torch.no_grad():
         out = model(b)

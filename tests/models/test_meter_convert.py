@@ -122,7 +122,7 @@ def inputs(cfg: TinyMETERConfig = CFG, B: int = 3, L: int = 7, seed: int = 0) ->
 
 
 def by_name(model) -> dict:
-    return {o.name: o for o in model.objectives}
+    return dict(model.objectives)
 
 
 def vlp_outputs(model, image, image2, ids, mask, masked) -> dict[str, torch.Tensor]:
@@ -204,13 +204,7 @@ def test_every_original_key_is_mapped_or_deliberately_dropped(pretrain_ckpt, con
     assert report.ok and report.unknown == [] and report.missing == [] and report.unused == {}, report.summary()
     assert not report.mismatches and not report.warnings and not report.interpolated
     assert set(report.dropped) == DROPPED
-    index = {o.name: i for i, o in enumerate(model.objectives)}
-    resolved = {
-        k.replace(f"objectives.{k.split('.')[1]}.", f"objectives.{index[k.split('.')[1]]}.")
-        if k.startswith("objectives.")
-        else k
-        for k in mapped
-    }
+    resolved = set(mapped)  # heads are keyed by objective name, as the converter writes them
     assert resolved == set(model.state_dict()) | {
         "text_encoder.model.pooler.dense.weight",
         "text_encoder.model.pooler.dense.bias",
@@ -286,7 +280,7 @@ def test_task_heads_of_another_width_are_reported_not_loaded():
     ckpt = make_meter_checkpoint(TASKS, seed=3)
     assert meter_to_vlp(ckpt, tiny_vlp(TASKS, ("vqa", "ve"), num_token_types=3)).ok  # vlp's heads are METER's
     model = tiny_vlp(TASKS, ("vqa", "ve"), num_token_types=3)
-    i = [o.name for o in model.objectives].index("vqa")
+    i = "vqa"
     d = model.objectives[i].head[0].in_features
     model.objectives[i].head = classifier(d, model.objectives[i].head[-1].out_features, hidden=2 * d)
     report = meter_to_vlp(ckpt, model)
@@ -300,23 +294,12 @@ def test_task_heads_of_another_width_are_reported_not_loaded():
 
 
 # -- (c) round trips ----------------------------------------------------------------------------------
-def named(model) -> dict[str, torch.Tensor]:
-    """State dict with objective indices replaced by names."""
-    table = {f"objectives.{i}.": f"objectives.{o.name}." for i, o in enumerate(model.objectives)}
-    out = {}
-    for k, v in model.state_dict().items():
-        for old, new in table.items():
-            k = new + k[len(old) :] if k.startswith(old) else k
-        out[k] = v
-    return out
-
-
 def test_round_trip_vlp_meter_vlp(converted):
     model, _ = converted
     other = tiny_vlp(objectives=("mlm", "itm"))  # another objective order: names, not positions
     report = meter_to_vlp(vlp_to_meter(model), other)
     assert report.ok and report.unused == {}, report.summary()
-    a, b = named(model), named(other)
+    a, b = model.state_dict(), other.state_dict()  # heads keyed by name in both
     assert set(a) == set(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
@@ -366,7 +349,7 @@ def test_missing_keys_are_listed(pretrain_ckpt):
     state = {k: v for k, v in pretrain_ckpt["state_dict"].items() if not k.startswith("itm_score.")}
     model = tiny_vlp()
     report = meter_to_vlp(state, model)  # a bare state dict: no config to check against
-    i = [o.name for o in model.objectives].index("itm")
+    i = "itm"
     assert report.missing == [f"objectives.{i}.head.weight", f"objectives.{i}.head.bias"]
     assert any("no config" in n for n in report.notes)
     assert "MISSING" in report.summary()

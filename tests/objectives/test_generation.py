@@ -114,8 +114,7 @@ def test_encoder_decoder_meter_pretrains_with_every_parameter_getting_a_gradient
     assert model.text_pooler is None  # generation needs no poolers
     step_reaches_every_parameter(model, batch())
     model.eval()
-    model._eval_step("val", batch(1), 0)
-    model._eval_epoch_end("val")
+    model.evaluate([batch(1)], stage="val")
     assert set(model.results["val"]["scores"]) == {"itm_acc", "dlm_acc"}
 
 
@@ -126,7 +125,7 @@ def test_denoising_loss_is_the_caption_cross_entropy_given_the_masked_encoding()
     mask = b["text_mask"].bool()
     with torch.no_grad():
         out = model(b)
-        got = model.objectives[0](out, b, model)
+        got = model.objectives["dlm"](out, b, model)
         masked, _ = model.embed_text(b["mlm_input_ids"], mask)
         ctx, ctx_mask = model.decoder_context(masked, mask, out.image_tokens)
         assert ctx.shape == (B, L + out.image_tokens.shape[1], D) and ctx_mask[:, L:].all()
@@ -175,7 +174,7 @@ def test_generative_itm_learns_and_retrieval_ranks_with_it():
 
 def test_recipe_errors_name_the_missing_or_mismatched_decoder():
     tok = WordTokenizer(WORDS)
-    with pytest.raises(ConfigError, match=r"\['DenoisingLM'\] generate text and need model.decoder"):
+    with pytest.raises(ConfigError, match=r"dlm \(DenoisingLM\) needs a model with 'decoder'.*set model.decoder"):
         tiny_meter(objectives=[DenoisingLM(tokenizer=tok)])
     with pytest.raises(ConfigError, match="cross-attends to width 24"):
         tiny_meter(objectives=[DenoisingLM(tokenizer=tok)], decoder=decoder(context_dim=24))

@@ -69,16 +69,15 @@ def test_bad_settings_and_a_missing_scorer_are_clear_errors():
         Retrieval(direction="both")
     with pytest.raises(ConfigError, match="at least one negative"):
         Retrieval(negatives=0)
-    model = tiny_meter(objectives=[Retrieval()])
-    with pytest.raises(ConfigError, match="add vlp.objectives.ITM"):
-        model.training_step(retrieval_batch(), 0)
+    with pytest.raises(ConfigError, match="add vlp.objectives.ITM"):  # when the model is built
+        tiny_meter(objectives=[Retrieval()])
 
 
 def test_ranking_loss_by_hand_and_every_parameter_gets_a_gradient():
     model = meter_with_retrieval(negatives=3)
     model.eval()  # no dropout: the hand computation repeats the forward pass
     b = retrieval_batch()
-    head, itm = model.objectives[1], model.objectives[0]
+    head, itm = model.objectives["irtr"], model.objectives["itm"]
     torch.manual_seed(1)
     loss = model.training_step(b, 0)  # a retrieval batch trains the ranking loss only
     torch.manual_seed(1)
@@ -125,7 +124,7 @@ def test_all_pairs_evaluation_equals_a_hand_built_score_matrix(capsys):
     result = model.results["test"]
     assert result["task"] == "irtr"
     # by hand: every image of the split against every caption
-    itm = model.objectives[0]
+    itm = model.objectives["itm"]
     with torch.no_grad():
         outs = [model(b) for b in batches]
         images = torch.cat([o.image_tokens for o in outs])  # (8, Li, D), ids 0-3 then 10-13
@@ -143,7 +142,7 @@ def test_all_pairs_evaluation_equals_a_hand_built_score_matrix(capsys):
     assert result["chance"]["t2i_r1"] == pytest.approx(100 / 8)
     assert "ITM over all 128 pairs" in capsys.readouterr().out
     # max_images: the first 4 image ids and their 8 captions
-    model.objectives[1].max_images = 4
+    model.objectives["irtr"].max_images = 4
     for b in batches:
         model.test_step(b, 0)
     model.on_test_epoch_end()
@@ -180,7 +179,7 @@ def test_task_heads_fine_tune_and_evaluate_albef_too(capsys):
     for b, name in ((vqa, "vqa"), (nlvr2, "nlvr2")):
         model.zero_grad()
         model.training_step(b, 0).backward()
-        head = next(o for o in model.objectives if o.name == name)
+        head = model.objectives[name]
         assert all(p.grad is not None for p in head.parameters())
         assert model.fusion.blocks[0].cross_attn.q.weight.grad is not None
     model.eval()

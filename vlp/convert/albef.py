@@ -49,7 +49,8 @@ from torch import Tensor, nn
 
 from vlp.encoders.bert import bert_layer_to_block, block_to_bert_layer
 from vlp.errors import CheckpointError, ConfigError
-from vlp.objectives.base import find_objective
+from vlp.objectives.base import find_objective, names_by_kind
+from vlp.objectives.itc import ITC
 from vlp.utils.checkpoint import QUEUE_BUFFERS as QUEUES
 from vlp.utils.checkpoint import is_pos_embed, resize_pos_embed
 
@@ -354,7 +355,8 @@ def map_albef_keys(state: dict[str, Tensor], fusion_layer: int | None = None) ->
     """ALBEF/LAVIS state dict → (vlp-named tensors, unknown source keys). Needs no model.
 
     Objective keys are named by objective (``objectives.itc.logit_scale``,
-    ``objectives.mlm.head.dense.weight``); :func:`albef_to_vlp` resolves them to indices.
+    ``objectives.mlm.head.dense.weight``); :func:`albef_to_vlp` finds the model's objective of
+    each kind (``names_by_kind``), whatever the recipe named it.
     ``fusion_layer``: the first cross-attention layer, checked against the checkpoint
     (inferred when None). Deliberately dropped keys (tied MLM decoder, ``position_ids``)
     are neither mapped nor unknown; :func:`albef_to_vlp` reports them.
@@ -369,13 +371,13 @@ def _momentum_twin(key: str) -> str | None:
     head, _, rest = key.partition(".")
     if head.endswith("_m"):
         return f"{head[:-2]}.{rest}"
-    if m := re.match(r"(objectives\.\d+\.head)_m\.(.*)", key):
+    if m := re.match(r"(objectives\.[a-z0-9_]+\.head)_m\.(.*)", key):
         return f"{m[1]}.{m[2]}"
     return None
 
 
 def _momentum_group(key: str) -> str:
-    m = re.match(r"(objectives\.\d+\.head_m)\.", key)
+    m = re.match(r"(objectives\.[a-z0-9_]+\.head_m)\.", key)
     return m[1] if m else key.split(".")[0]
 
 
@@ -415,7 +417,7 @@ def albef_to_vlp(state: dict[str, Tensor], model: ALBEF, *, strict: bool = False
     report = ConversionReport(
         unknown=mapping.unknown, dropped=mapping.dropped, notes=mapping.notes, warnings=mapping.warnings
     )
-    index = {o.name: i for i, o in enumerate(model.objectives)}
+    index = names_by_kind(model)  # official head kind → the model's objective name
     target = model.state_dict()
     filled: dict[str, Tensor] = {}
     mismatched: list[str] = []
@@ -452,7 +454,7 @@ def albef_to_vlp(state: dict[str, Tensor], model: ALBEF, *, strict: bool = False
     if mismatched:
         raise CheckpointError(f"{len(mismatched)} tensors do not fit the model: " + "; ".join(mismatched[:10]))
     # a queue is only meaningful with its pointer and ids: all or none
-    queue_keys = [k for k in filled if re.fullmatch(r"objectives\.\d+\.(" + "|".join(QUEUES) + ")", k)]
+    queue_keys = [k for k in filled if re.fullmatch(r"objectives\.[a-z0-9_]+\.(" + "|".join(QUEUES) + ")", k)]
     if queue_dropped:
         for k in queue_keys:
             report.dropped[k] = "dropped with the other queue buffers (a queue of another size)"
@@ -462,7 +464,7 @@ def albef_to_vlp(state: dict[str, Tensor], model: ALBEF, *, strict: bool = False
         if idx_key in target and idx_key not in filled and f"objectives.{index['itc']}.image_queue" in filled:
             filled[idx_key] = torch.full_like(target[idx_key], -100)
             report.notes.append(f"{idx_key}: the checkpoint keeps no ids (pretraining); set to -100 (no id)")
-    itc = find_objective(model, "itc")
+    itc = find_objective(model, ITC)
     if itc is not None and "temp" in state and hasattr(itc, "min_temperature"):
         temp = float(state["temp"])
         if not itc.min_temperature <= temp <= itc.max_temperature:
@@ -497,7 +499,7 @@ def vlp_to_albef(model: ALBEF, layout: str = "pretrain") -> dict[str, Tensor]:
     """
     if layout not in ("pretrain", "retrieval"):
         raise ConfigError(f"layout must be 'pretrain' or 'retrieval', got {layout!r}")
-    names = {str(i): o.name for i, o in enumerate(model.objectives)}
+    kinds = {o.name: o.default_name for o in model.objectives.values()}  # instance name → official kind
     F_ = len(model.text_encoder.model.encoder.layer)
     out: dict[str, Tensor] = {}
     blocks: dict[tuple[str, int], dict[str, Tensor]] = defaultdict(dict)
@@ -515,8 +517,8 @@ def vlp_to_albef(model: ALBEF, layout: str = "pretrain") -> dict[str, Tensor]:
             blocks[(s, int(m[1]))][m[2]] = t
         elif base in ("image_proj", "text_proj"):
             out[f"{'vision_proj' if base == 'image_proj' else 'text_proj'}{s}.{rest}"] = t
-        elif head == "objectives" and (m := re.match(r"(\d+)\.(.*)", rest)):
-            name, sub = names[m[1]], m[2]
+        elif head == "objectives" and (m := re.match(r"([a-z0-9_]+)\.(.*)", rest)):
+            name, sub = kinds[m[1]], m[2]
             if name == "itc" and sub == "logit_scale":
                 out["temp"] = torch.exp(-t.double()).to(t.dtype)
             elif name == "itc" and sub in QUEUES:

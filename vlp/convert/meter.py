@@ -74,7 +74,8 @@ from torch import Tensor, nn
 from vlp.convert.albef import ConversionReport, extract_state_dict, save_state_dict
 from vlp.encoders.bert import bert_layer_to_block, block_to_bert_layer
 from vlp.errors import CheckpointError, ConfigError, VLPError
-from vlp.objectives.base import find_objective
+from vlp.objectives.base import find_objective, names_by_kind
+from vlp.objectives.mlm import MLM
 from vlp.utils.checkpoint import interpolate_pos_embed, read_checkpoint
 
 if TYPE_CHECKING:
@@ -308,7 +309,8 @@ def map_meter_keys(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[st
     """METER state dict (or checkpoint) → (vlp-named tensors, unknown source keys). Needs no model.
 
     Objective keys are named by objective (``objectives.mlm.head.dense.weight``,
-    ``objectives.vqa.head.0.weight``); :func:`meter_to_vlp` resolves them to indices.
+    ``objectives.vqa.head.0.weight``); :func:`meter_to_vlp` finds the model's
+    objective of each kind (``names_by_kind``), whatever the recipe named it.
     Deliberately dropped keys are neither mapped nor unknown."""
     result = _map(extract_state_dict(state))
     return result.mapped, result.unknown
@@ -360,8 +362,8 @@ def _check_architecture(model: nn.Module, hparams: dict | None) -> tuple[list[st
             )
     else:
         notes.append(f"the checkpoint has no config: the fusion's {sorted(heads)} attention heads are assumed right")
-    for o in model.objectives:
-        if o.name == "mlm" and isinstance(getattr(o, "head", None), nn.Module) and hasattr(o.head, "norm"):
+    for o in model.objectives.values():
+        if o.default_name == "mlm" and isinstance(getattr(o, "head", None), nn.Module) and hasattr(o.head, "norm"):
             if o.head.decoder is None:
                 bad.append("MLM decodes with the word embeddings (tie_weights: true); METER's decoder is its own")
             if o.head.norm.eps != _FUSION_EPS:
@@ -433,7 +435,7 @@ def meter_to_vlp(
     )
     report.mismatches, notes = _check_architecture(model, hparams)
     report.notes += notes
-    index = {o.name: i for i, o in enumerate(model.objectives)}
+    index = names_by_kind(model)  # official head kind → the model's objective name
     target = model.state_dict()
     filled: dict[str, Tensor] = {}
     mismatched: list[str] = []
@@ -498,7 +500,7 @@ def meter_to_vlp(
 
 
 def _describe(model: nn.Module, name: str) -> str:
-    head = next((o.head for o in model.objectives if o.name == name), None)
+    head = next((o.head for o in model.objectives.values() if o.default_name == name), None)
     if isinstance(head, nn.Sequential) and isinstance(head[0], nn.Linear):
         return f"Linear({head[0].in_features}, {head[0].out_features}) → ... → Linear({head[-1].in_features}, C)"
     return type(head).__name__
@@ -511,7 +513,7 @@ def vlp_to_meter(model: METER) -> dict[str, Tensor]:
     (``vit_model.positional_embedding``, ``ln_final``) is not written: vlp has no values for
     it (METER loads with ``strict=False`` and never runs it). A tied MLM decoder is
     written as the word embeddings; an ITC projection has no METER name and raises."""
-    names = {str(i): o.name for i, o in enumerate(model.objectives)}
+    kinds = {o.name: o.default_name for o in model.objectives.values()}  # instance name → official kind
     heads = {v: k for k, v in _TASK_HEADS.items()}
     simple = {v: k for k, v in _SIMPLE.items()}
     single = {v: k for k, v in _SINGLE.items()}
@@ -525,8 +527,8 @@ def vlp_to_meter(model: METER) -> dict[str, Tensor]:
             out[TEXT + key[len("text_encoder.model.") :]] = t
         elif m := re.fullmatch(r"fusion\.(text|image)_layers\.(\d+)\.(.*)", key):
             layers[(m[1], int(m[2]))][m[3]] = t
-        elif m := re.fullmatch(r"objectives\.(\d+)\.(.*)", key):
-            name, sub = names[m[1]], m[2]
+        elif m := re.fullmatch(r"objectives\.([a-z0-9_]+)\.(.*)", key):
+            name, sub = kinds[m[1]], m[2]
             vlp_key = f"objectives.{name}.{sub}"
             if name in heads and (mm := re.fullmatch(r"head\.([013])\.(weight|bias)", sub)):
                 out[f"{heads[name]}.{mm[1]}.{mm[2]}"] = t
@@ -547,7 +549,7 @@ def vlp_to_meter(model: METER) -> dict[str, Tensor]:
     for (stream, i), block in sorted(layers.items()):
         for name, t in block_to_bert_layer(block, cross_attention=True).items():
             out[f"cross_modal_{stream}_layers.{i}.{name}"] = t
-    mlm = find_objective(model, "mlm")
+    mlm = find_objective(model, MLM)
     if mlm is not None and mlm.head.decoder is None:
         out["mlm_score.decoder.weight"] = model.word_embeddings()  # tied: METER keeps its own copy
     positions = out.get(f"{TEXT}embeddings.position_embeddings.weight")

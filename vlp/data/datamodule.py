@@ -37,11 +37,11 @@ from vlp.data.collate import IMAGE_KEYS, Collator
 from vlp.data.manifest import check_local_shards, expand_urls, load_manifest
 from vlp.data.masking import Masker
 from vlp.data.pipeline import SampleDecoder, skipped_count
-from vlp.data.stream import ModalityGroup, ShardStream, SourceStream, StreamConfig, StreamLoader
+from vlp.data.stream import ModalityGroup, ShardStream, SourceStream, StreamConfig, StreamLoader, eval_share
 from vlp.data.tokenization import Tokenizer
 from vlp.data.transforms import ImageTransform
 from vlp.errors import ConfigError, DataError
-from vlp.objectives.distributed import gather_objects
+from vlp.utils.distributed import gather_objects
 from vlp.utils.paths import resolve_path
 
 log = logging.getLogger("vlp.data")
@@ -229,8 +229,8 @@ class WebDataModule(pl.LightningDataModule):
             groups=groups,
         )
         workers = self.num_workers
-        if not train:  # no idle workers for small eval sets
-            workers = min(workers, max(len(s.urls[rank::world]) for g in groups for s in g.sources))
+        if not train:  # no idle workers for small eval sets (split by sample past one shard per worker)
+            workers = min(workers, max(eval_share(len(s.urls), rank, world)[0] for g in groups for s in g.sources))
         kwargs = dict(
             batch_size=None,
             num_workers=workers,
@@ -281,6 +281,13 @@ class WebDataModule(pl.LightningDataModule):
         if stage not in self.groups:
             self.setup({"val": "validate", "test": "test", "predict": "predict"}[stage])
         return [g.sources[0].name for g in self.groups.get(stage, [])]
+
+    def eval_source_modalities(self, stage: str) -> list[str]:
+        """Modalities of the evaluation DataLoaders of ``stage``, in order (the model creates
+        one evaluator per loader on every rank before the first batch)."""
+        if stage not in self.groups:
+            self.setup({"val": "validate", "test": "test", "predict": "predict"}[stage])
+        return [g.modality for g in self.groups.get(stage, [])]
 
     # -- on the device ------------------------------------------------------------------------
     def finish_batch(self, batch):

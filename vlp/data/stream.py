@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlp.data.collate import Collator, batches
 from vlp.data.pipeline import SampleDecoder, read_shards
 from vlp.errors import DataError
-from vlp.objectives.distributed import gather_objects
+from vlp.utils.distributed import gather_objects
 
 log = logging.getLogger("vlp.data")
 
@@ -117,6 +117,28 @@ def _own_rng(items: Iterator, seed: int) -> Iterator:
         yield item
 
 
+def eval_share(num_shards: int, rank: int, world_size: int) -> tuple[int, bool]:
+    """(shards rank ``rank`` reads, whether it reads them all and keeps a share of the samples).
+    Evaluation splits by shard when every rank gets one, else by sample: every rank then reads
+    every shard and keeps its own samples, so no rank is left without data."""
+    if num_shards >= world_size:
+        return len(range(rank, num_shards, world_size)), False
+    return num_shards, True
+
+
+def eval_shards(urls: list[str], rank: int, world: int, worker: int, workers: int) -> tuple[list[str], int, int]:
+    """One evaluation reader's ``(shards, stride, offset)``: shards are split over ranks, then
+    over workers; where there are fewer shards than readers the samples are split instead, so
+    every sample is read by exactly one (rank, worker) and none is left without data."""
+    if len(urls) >= world:
+        mine, stride, offset = urls[rank::world], 1, 0
+    else:
+        mine, stride, offset = list(urls), world, rank
+    if len(mine) >= workers:
+        return mine[worker::workers], stride, offset
+    return mine, stride * workers, offset + stride * worker
+
+
 def worker_share(num_batches: int, worker: int, num_workers: int) -> int:
     """How many of ``num_batches`` consecutive batches worker ``worker`` yields: the DataLoader
     asks its workers in turn (batch ``i`` comes from worker ``i % num_workers``)."""
@@ -134,19 +156,24 @@ class ShardStream(IterableDataset):
         self.skip_batches = 0  # batches of this epoch (over all workers) already trained on
 
     # -- which shards this worker reads ------------------------------------------------------
-    def _shards(self, source: SourceStream, worker: int, num_workers: int) -> list[str]:
+    def _shards(self, source: SourceStream, worker: int, num_workers: int) -> tuple[list[str], int, int]:
+        """This worker's shards and, for evaluation data with fewer shards than readers, its
+        share of their samples: ``(shards, stride, offset)`` keeps every ``stride``-th sample
+        from ``offset`` (1, 0: all of them)."""
         c = self.config
         if c.train and c.resampled:
-            return source.urls  # every worker samples from all shards
+            return source.urls, 1, 0  # every worker samples from all shards
+        if not c.train:
+            return eval_shards(source.urls, c.rank, c.world_size, worker, num_workers)
         per_rank = source.urls[c.rank :: c.world_size]
         mine = per_rank[worker::num_workers]
-        if c.train and not mine:
+        if not mine:
             raise DataError(
                 f"{source.name}: {len(source.urls)} shard(s) cannot be split across "
                 f"{c.world_size} rank(s) x {num_workers} worker(s); use fewer workers, more shards, "
                 "or resampled: true"
             )
-        return mine
+        return mine, 1, 0
 
     def _raw(self, source: SourceStream, shards: list[str], rng: random.Random) -> Iterator:
         c = self.config
@@ -165,9 +192,12 @@ class ShardStream(IterableDataset):
         c = self.config
         streams, weights = [], []
         for source in group.sources:
-            shards = self._shards(source, worker, num_workers)
+            shards, stride, offset = self._shards(source, worker, num_workers)
             if shards:
-                raw = _shuffle(self._raw(source, shards, rng), c.shuffle_buffer if c.train else 0, rng)
+                raw = self._raw(source, shards, rng)
+                if stride > 1:  # evaluation split by sample
+                    raw = itertools.islice(raw, offset, None, stride)
+                raw = _shuffle(raw, c.shuffle_buffer if c.train else 0, rng)
                 streams.append(map(source.decoder, raw))
                 weights.append(source.weight)
         if len(streams) == 1:

@@ -290,47 +290,40 @@ def format_rerank_table(
 # -- fusion-model retrieval: cached tokens of a whole split ---------------------------------
 
 
-def gather_pair_tokens(parts: list[tuple]) -> tuple[torch.Tensor, ...]:
-    """Concatenate evaluation batches cached for pair scoring, gather them across ranks and
-    keep one row per image id.
+def gather_pair_tokens(parts: list[tuple]) -> tuple[torch.Tensor | None, ...]:
+    """Concatenate evaluation batches cached for retrieval, gather them across ranks (any
+    number of batches per rank, none included) and keep one row per image id.
 
-    Each part is ``(image_tokens (B, Li, Di), image_embeds (B, E) or None, image_id (B,),
-    text_tokens (T, Lt, Dt), text_mask (T, Lt), text_embeds (T, E) or None,
+    Each part is ``(image_tokens (B, Li, Di) or None, image_embeds (B, E) or None, image_id (B,),
+    text_tokens (T, Lt, Dt) or None, text_mask (T, Lt) or None, text_embeds (T, E) or None,
     text_image_id (T,))``; texts are padded to the longest text of all ranks.
 
     Returns:
-        ``(image_tokens (Ni, Li, Di), image_embeds (Ni, E) or None, image_ids (Ni,) sorted,
-        text_tokens (Nt, Lt, Dt), text_mask (Nt, Lt), text_embeds (Nt, E) or None,
-        text_image_index (Nt,))``: the last is each text's image row.
+        ``(image_tokens (Ni, Li, Di), image_embeds (Ni, E), image_ids (Ni,) sorted,
+        text_tokens (Nt, Lt, Dt), text_mask (Nt, Lt), text_embeds (Nt, E),
+        text_image_index (Nt,))``, None where no rank had the column; the last is each
+        text's image row.
     """
-    from vlp.objectives.distributed import gather_no_grad, world_info
+    from vlp.utils.distributed import gather_cat
 
-    if not parts:
-        raise ValueError("no evaluation batches were cached")
-    width = max(p[3].shape[1] for p in parts)
-    _, world = world_info()
-    if world > 1:  # pad text to a common length before gathering
-        width = int(gather_no_grad(torch.tensor([width], device=parts[0][3].device)).max())
-    has_embeds = parts[0][1] is not None and parts[0][5] is not None
     cols = []
-    for i in range(7):
-        if i in (1, 5) and not has_embeds:
-            cols.append(None)
-            continue
-        pieces = [p[i] for p in parts]
-        if i == 3:
-            pieces = [F.pad(t, (0, 0, 0, width - t.shape[1])) for t in pieces]
-        elif i == 4:
-            pieces = [F.pad(t, (0, width - t.shape[1])) for t in pieces]
-        col = torch.cat(pieces)
-        cols.append(gather_no_grad(col) if world > 1 else col)
+    for i in range(7):  # the same 7 collectives on every rank, whatever it holds
+        pieces = [p[i] for p in parts if p[i] is not None]
+        if pieces and i in (3, 4):  # pad texts to this rank's longest; gather_cat pads across ranks
+            width = max(t.shape[1] for t in pieces)
+            pad = (0, 0, 0) if i == 3 else (0,)
+            pieces = [F.pad(t, (*pad, width - t.shape[1])) for t in pieces]
+        cols.append(gather_cat(torch.cat(pieces) if pieces else None))
     image_tokens, image_embeds, image_id, text_tokens, text_mask, text_embeds, text_image_id = cols
+    if image_id is None or text_image_id is None:
+        raise ValueError("no evaluation batches were cached on any rank")
     ids, first = _first_occurrence(image_id)
     index = torch.searchsorted(ids, text_image_id)
     if (index >= len(ids)).any() or (ids[index.clamp(max=len(ids) - 1)] != text_image_id).any():
         raise ValueError("a text refers to an image id that is not in the evaluation set")
     image_embeds = image_embeds[first] if image_embeds is not None else None
-    return image_tokens[first], image_embeds, ids, text_tokens, text_mask, text_embeds, index
+    image_tokens = image_tokens[first] if image_tokens is not None else None
+    return image_tokens, image_embeds, ids, text_tokens, text_mask, text_embeds, index
 
 
 @torch.no_grad()

@@ -5,11 +5,13 @@
     CLS features ─► image_proj / text_proj ─► ITC (momentum queue + distillation)
 
 Momentum (EMA) copies of the encoders, fusion, projections and the MLM head give the
-queue features and the distillation targets. They are updated right after the optimiser
-step (``optimizer_step``), never in forward; with the EMA taken right after step t-1 this
-equals the paper's update at the start of step t. Callbacks run after it, so a checkpoint
-written at the end of a step holds the updated copies and queues. Evaluation: retrieval over the whole
-split, ITC similarities first, then ITM re-ranking of the top-k candidates.
+queue features and the distillation targets. They are updated right after each optimiser
+step (``after_optimizer_step``, once per step under gradient accumulation), never in
+forward; with the EMA taken right after step t-1 this equals the paper's update at the
+start of step t. Callbacks run after it, so a checkpoint written at the end of a step
+holds the updated copies and queues. Evaluation: retrieval over the whole split, ITC
+similarities first, then ITM re-ranking of the top-k candidates
+(:class:`~vlp.eval.evaluator.RetrievalEvaluator`, shared with the Retrieval head).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from torch import nn
 
 from vlp.encoders.base import Encoder
 from vlp.errors import ConfigError
-from vlp.eval.retrieval import chance_recall
+from vlp.eval.evaluator import Evaluator, RetrievalEvaluator
 from vlp.models.base import OptimConfig, VLPModule
 from vlp.models.outputs import VLPOutput
 from vlp.objectives.base import Objective, find_objective
+from vlp.objectives.itm import ITM
 
 
 @dataclass
@@ -105,17 +108,27 @@ class ALBEF(VLPModule):
         self.alpha_ramp_steps = alpha_ramp_steps
         self.rerank_k = rerank_k
         self.use_momentum = use_momentum
-        needs = [o.name for o in self.objectives if getattr(o, "needs_momentum", False)]
-        if needs and not use_momentum:
-            raise ConfigError(f"objectives {needs} need the momentum model; set use_momentum: true")
         self._online = ["image_encoder", "text_encoder", "fusion", "image_proj", "text_proj"]
         if use_momentum:
             for name in self._online:
                 twin = copy.deepcopy(getattr(self, name))
                 twin.requires_grad_(False)
                 setattr(self, name + "_m", twin)
-        self.check_objectives()  # head widths against the views below, ITM's ITC
-        self._eval: dict[str, list] = {}
+        self.setup_objectives()  # needs against capabilities; heads sized from the views below
+
+    def capabilities(self) -> set[str]:
+        caps = {"contrastive", "fusion", "masked_lm", "image_types"}
+        if self.use_momentum:
+            caps.add("momentum")
+        if self.decoder is not None:
+            caps.add("decoder")
+        return caps
+
+    def capability_hint(self, capability: str) -> str:
+        return {
+            "momentum": "set use_momentum: true",
+            "decoder": "set model.decoder (vlp.blocks.TextDecoder with context_dim the text width)",
+        }.get(capability, "")
 
     def feature_dims(self) -> dict[str, int]:
         width = self.text_encoder.dim  # the fusion continues the text tower at its width
@@ -124,6 +137,7 @@ class ALBEF(VLPModule):
             "mlm": width,
             "itc": self.image_proj.out_features,
             "image_tokens": self.image_encoder.dim,
+            "vocab": self.word_embeddings().shape[0],
         }
 
     # -- the model ------------------------------------------------------------------------
@@ -203,137 +217,40 @@ class ALBEF(VLPModule):
         return self.alpha * min(1.0, self.global_step / ramp)
 
     def forward(self, batch: dict) -> ALBEFOutput:
-        mask = batch["text_mask"].bool()
-        image_tokens, image_embeds = self.encode_image(batch["image"])
-        text_tokens, text_embeds = self.encode_text(batch["text_ids"], mask)
-        out = ALBEFOutput(
-            image_tokens=image_tokens,
-            text_tokens=text_tokens,
-            text_mask=mask,
-            image_embeds=image_embeds,
-            text_embeds=text_embeds,
-        )
-        if any("fused_cls" in o.requires for o in self.objectives_for(batch)):
-            out.fused_cls = self.match_features(text_tokens, mask, image_tokens)  # (B, Dt)
+        """The named views of the batch, each computed once: image (tokens, ITC feature), text
+        (tokens, ITC feature), the fused pairs when an objective reads ``fused_cls``, and in
+        training the momentum views. An image-only or text-only batch gets its side only."""
+        out = ALBEFOutput()
+        has_image, has_text = "image" in batch, "text_ids" in batch
+        if has_image:
+            out.image_tokens, out.image_embeds = self.encode_image(batch["image"])
+        if has_text:
+            out.text_mask = batch["text_mask"].bool()
+            out.text_tokens, out.text_embeds = self.encode_text(batch["text_ids"], out.text_mask)
+        if has_image and has_text and self.requested(batch, "fused_cls"):
+            out.fused_cls = self.match_features(out.text_tokens, out.text_mask, out.image_tokens)  # (B, Dt)
         if self.use_momentum and self.training:
             with torch.no_grad():
-                out.image_tokens_m, out.image_embeds_m = self.encode_image(batch["image"], momentum=True)
-                _, out.text_embeds_m = self.encode_text(batch["text_ids"], mask, momentum=True)
+                if has_image:
+                    out.image_tokens_m, out.image_embeds_m = self.encode_image(batch["image"], momentum=True)
+                if has_text:
+                    _, out.text_embeds_m = self.encode_text(batch["text_ids"], out.text_mask, momentum=True)
         return out
 
     # -- momentum and queues: after the optimiser step ----------------------------------------
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        pairs = [(getattr(self, n), getattr(self, n + "_m")) for n in self._online] if self.use_momentum else []
-        for o in self.objectives:
-            if hasattr(o, "momentum_pairs"):
-                pairs += o.momentum_pairs()
-        return pairs
+        own = [(getattr(self, n), getattr(self, n + "_m")) for n in self._online] if self.use_momentum else []
+        return own + super().momentum_pairs()
 
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        m = self.momentum
-        online, twins = [], []
-        for a, b in self.momentum_pairs():
-            online += list(a.parameters())
-            twins += list(b.parameters())
-        if twins:
-            torch._foreach_mul_(twins, m)
-            torch._foreach_add_(twins, online, alpha=1 - m)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self._stepped = True
-        if self.step_skipped:  # a non-finite step (optim.max_nonfinite_steps): nothing is kept of it
-            self.after_optimizer_step(enqueue=False, ema=False)
-        else:
-            self.after_optimizer_step()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """A micro-batch of an accumulated step (no optimiser step after it): its momentum
-        features join the queues now, as ALBEF queues every batch; the EMA waits for the step.
-        No checkpoint is written between micro-batches, so resuming stays exact."""
-        if not getattr(self, "_stepped", False):
-            self.after_optimizer_step(enqueue=not self.step_skipped, ema=False)
-        self._stepped = False
-
-    def after_optimizer_step(self, enqueue: bool = True, ema: bool = True) -> None:
-        """The EMA update of the momentum copies, then the objectives' queues (``enqueue``:
-        the last batch's momentum features join them; else they are dropped)."""
-        if ema:
-            self.momentum_update()
-        for o in self.objectives:
-            if hasattr(o, "after_step"):
-                o.after_step(enqueue=enqueue)
+    def after_optimizer_step(self, *, skipped: bool = False) -> None:
+        """The EMA of the momentum copies (not after a skipped non-finite step: nothing is kept
+        of it), then the objectives' queues."""
+        if not skipped:
+            self.momentum_update(self.momentum)
+        super().after_optimizer_step(skipped=skipped)
 
     # -- evaluation: ITC over the split, then ITM re-ranking ------------------------------------
-    def _eval_step(self, stage: str, batch: dict, idx: int) -> None:
-        if batch["modality"] not in ("pair", "retrieval"):
-            raise ConfigError(f"ALBEF evaluates pair or retrieval data, got a {batch['modality']!r} source")
-        image_tokens, image_embeds = self.encode_image(batch["image"])
-        mask = batch["text_mask"].bool()
-        text_tokens, text_embeds = self.encode_text(batch["text_ids"], mask)
-        store = self._eval.setdefault(f"{stage}_{idx}", [])
-        store.append(
-            (image_tokens, image_embeds, batch["image_id"], text_tokens, mask, text_embeds, batch["text_image_id"])
-        )
-
-    def _itm_accuracy(self, itm, sims, index, image_tokens, text_tokens, text_mask, chunk: int = 256) -> float:
-        """Balanced ITM accuracy (%): every caption with its own image (should match) and every
-        image with its highest-ITC wrong caption (should not), decided by the ITM head."""
-        Ni, Nt = sims.shape
-        own = torch.zeros(Ni, Nt, dtype=torch.bool, device=sims.device)
-        own[index, torch.arange(Nt, device=sims.device)] = True  # (Ni, Nt)
-        hardest = sims.masked_fill(own, float("-inf")).argmax(1)  # (Ni,)
-        pairs = {
-            True: (index, torch.arange(Nt, device=sims.device)),  # positives: (image, text)
-            False: (torch.arange(Ni, device=sims.device), hardest),  # hardest negatives
-        }
-        accs = []
-        for label, (i, t) in pairs.items():
-            hits = []
-            for s in range(0, len(i), chunk):
-                ii, tt = i[s : s + chunk], t[s : s + chunk]
-                hits.append(itm.is_match_pairs(self, text_tokens[tt], text_mask[tt], image_tokens[ii]) == label)
-            accs.append(torch.cat(hits).float().mean().item())
-        return 100 * sum(accs) / 2
-
-    @torch.no_grad()
-    def _eval_epoch_end(self, stage: str) -> None:
-        from vlp.eval.retrieval import format_rerank_table, gather_pair_tokens, rerank_topk, retrieval_scores
-
-        names = self._source_names(stage)
-        itm = find_objective(self, "itm")
-        for key in sorted(k for k in self._eval if k.startswith(stage + "_")):
-            idx = int(key.rsplit("_", 1)[1])
-            image_tokens, image_embeds, image_ids, text_tokens, text_mask, text_embeds, index = gather_pair_tokens(
-                self._eval.pop(key)
-            )  # index: (Nt,) image row of each text
-            sims = image_embeds @ text_embeds.T  # (Ni, Nt)
-            reranked = None
-            if itm is not None:
-
-                def score(
-                    i: torch.Tensor,
-                    t: torch.Tensor,
-                    text_tokens=text_tokens,
-                    text_mask=text_mask,
-                    image_tokens=image_tokens,
-                ) -> torch.Tensor:
-                    return itm.score_pairs(self, text_tokens[t], text_mask[t], image_tokens[i])  # (n,)
-
-                reranked = rerank_topk(sims, self.rerank_k, score)
-            scores = retrieval_scores(sims, index, reranked)
-            if itm is not None:
-                scores["itm_acc"] = self._itm_accuracy(itm, sims, index, image_tokens, text_tokens, text_mask)
-            prefix = stage if len(names) <= 1 else f"{stage}/{names[idx]}"
-            self.log_dict({f"{prefix}/{k}": v for k, v in scores.items()}, rank_zero_only=True)
-            chance = chance_recall(len(image_ids), len(index))
-            self.results[prefix] = {
-                "scores": scores,
-                "chance": chance,
-                "num_images": len(image_ids),
-                "num_texts": len(index),
-            }
-            if stage == "test":
-                title = f"{names[idx] if names else stage} retrieval ({len(image_ids)} images, {len(index)} texts)"
-                self.report("\n" + format_rerank_table(scores, chance, title=title, k=self.rerank_k) + "\n")
+    def default_evaluator(self, modality: str) -> Evaluator | None:
+        if modality not in ("pair", "retrieval"):
+            return None
+        return RetrievalEvaluator(find_objective(self, ITM), k=self.rerank_k, itm_accuracy=True)

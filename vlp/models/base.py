@@ -1,24 +1,27 @@
 """``VLPModule``: what every family shares.
 
+* objectives in an ``nn.ModuleDict`` keyed by name; the model capabilities each needs are
+  checked when the family is built (:mod:`vlp.models.protocols`), then each sizes its
+  head from the model (``Objective.setup``);
 * the objective loop: run every objective whose modalities match the batch, sum
   ``weight * <name>_loss``, log every returned value under ``train/``;
-* the optimiser: AdamW with weight-decay groups (``p.ndim >= 2`` and not in a
-  module's ``no_weight_decay()``), per-prefix learning-rate multipliers, and a
-  warm-up + cosine/linear/constant schedule stepped every optimiser step;
-* ``init_from``: start fine-tuning from a checkpoint (loaded with ``weights_only=True``);
-* checks before step 1 that every objective gets the outputs it needs.
+* the hooks after every optimiser step (the family's EMA, the objectives' queues) and
+  after ``init_from`` (momentum copies the checkpoint lacks start as copies of the
+  online weights);
+* the optimiser (:mod:`vlp.models.optim`) and non-finite step checks;
+* one evaluation path (:mod:`vlp.eval.evaluator`): an evaluator per evaluation source,
+  created on every rank when the epoch starts, its scores computed on every rank.
 
-A family subclasses it, sets ``output_type`` and implements ``forward(batch)``.
+A family subclasses it, sets ``output_type``, lists its ``capabilities()`` and
+``feature_dims()``, implements ``forward(batch)`` (image-only and text-only batches
+included) and, for pair data without a task head, ``default_evaluator()``.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
-import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,73 +31,16 @@ from torch import nn
 
 from vlp.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from vlp.eval.compare import RESULTS_FILE
+from vlp.eval.evaluator import Evaluator, HeadEvaluator
+from vlp.models.optim import OptimConfig, build_optimizer, lr_lambda, param_groups
 from vlp.models.outputs import VLPOutput
+from vlp.models.protocols import CAPABILITIES
 from vlp.objectives.base import Objective
-from vlp.utils.checkpoint import OBJECTIVES_KEY, fit_state_to_model, load_state_dict_by_objective
+from vlp.utils.checkpoint import fit_state_to_model, load_state_dict
+
+__all__ = ["OptimConfig", "VLPModule", "batch_size_of", "check_writable", "lr_lambda"]
 
 log = logging.getLogger("vlp")
-
-
-@dataclass
-class OptimConfig:
-    """Optimiser and schedule settings.
-
-    Args:
-        lr: peak learning rate (of parameters with multiplier 1).
-        weight_decay: AdamW decoupled weight decay (matrices only).
-        betas / eps: AdamW settings.
-        warmup_steps: linear warm-up length; a value below 1 is a fraction of all steps.
-        schedule: "cosine", "linear" (decay to min) or "constant" after warm-up.
-        min_lr_ratio: final learning rate as a fraction of the peak.
-        lr_mult: parameter-name prefix → learning-rate multiplier, e.g.
-            ``{"fusion": 5.0, "itm": 5.0}`` (METER: 5x for newly initialised layers).
-            The longest matching prefix wins.
-        freeze: parameter-name patterns (``fnmatch``, e.g. ``"text_encoder.*word_embeddings*"``)
-            left out of training: they get no gradient and no optimiser state.
-        max_nonfinite_steps: training steps whose loss or gradients are NaN/inf that may be
-            skipped (no optimiser step, counted in ``train/nonfinite_steps``) before the run
-            stops; 0 (the default) stops at the first one, naming the step and the objective.
-    """
-
-    lr: float = 1e-4
-    weight_decay: float = 0.02
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: float = 0
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.0
-    lr_mult: dict[str, float] = field(default_factory=dict)
-    freeze: list[str] = field(default_factory=list)
-    max_nonfinite_steps: int = 0
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"optim.schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if self.lr <= 0 or self.warmup_steps < 0:
-            raise ConfigError("optim.lr must be > 0 and optim.warmup_steps >= 0")
-        if self.max_nonfinite_steps < 0:
-            raise ConfigError(f"optim.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
-
-
-def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr at ``step``: linear warm-up, then the chosen decay."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-    return min_ratio + (1 - min_ratio) * decay
-
-
-class _Schedule:
-    """Picklable lr lambda (checkpoints store its settings, never code)."""
-
-    def __init__(self, **kwargs) -> None:
-        self.kwargs = kwargs
-
-    def __call__(self, step: int) -> float:
-        return lr_lambda(step, **self.kwargs)
 
 
 class VLPModule(pl.LightningModule):
@@ -117,32 +63,30 @@ class VLPModule(pl.LightningModule):
         init_from: str | None = None,
     ) -> None:
         super().__init__()
-        self.objectives = nn.ModuleList(objectives or [])
-        names = [o.name for o in self.objectives]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"two objectives share a name: {names}")
+        if isinstance(objectives, dict | nn.ModuleDict):  # another model's objectives
+            objectives = objectives.values()
+        objectives = list(objectives or [])
+        names = [o.name for o in objectives]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(
+                f"two objectives are named {twice}: give each its own name (e.g. MLM(name: mlm_text)) — names: {names}"
+            )
+        self.objectives = nn.ModuleDict({o.name: o for o in objectives})  # keyed by name
         self.optim = optim or OptimConfig()
         self.init_from = init_from
         self._checked_modalities: set = set()
         self.results: dict[str, dict] = {}  # evaluation results by "<stage>[/<source>]"
-        self._task_metrics: dict[str, tuple] = {}  # "<stage>_<source>" → (task head, its metric)
+        self._evaluators: dict[str, list[Evaluator | None]] = {}  # stage → one per source
         self.nonfinite_steps = 0  # steps skipped because of a NaN/inf loss or gradient
         self.step_skipped = False  # this training step was skipped (read by optimizer_step hooks)
-        self._drop_gradients = False  # a skipped step's zero loss under several processes
-        for objective in self.objectives:
-            objective.check(self.output_type, type(self).__name__)
+        self._drop_gradients = False  # a skipped step under several processes
+        self.decoder = None
 
     def set_decoder(self, decoder: nn.Module | None, context_dim: int) -> None:
         """Attach an encoder-decoder model's text decoder (``self.decoder``), read by the
-        generation objectives (``vlp.objectives.generation``) through ``decoder_context``;
-        check that the generation objectives have one and that it fits the context width."""
+        generation objectives through ``decoder_context``; check it fits the context width."""
         self.decoder = decoder
-        needs = [o for o in self.objectives if getattr(o, "needs_decoder", False)]
-        if needs and decoder is None:
-            raise ConfigError(
-                f"objectives {[type(o).__name__ for o in needs]} generate text and need model.decoder "
-                "(vlp.blocks.TextDecoder)"
-            )
         if decoder is None:
             return
         width = getattr(decoder, "context_dim", context_dim)
@@ -151,22 +95,50 @@ class VLPModule(pl.LightningModule):
                 f"model.decoder cross-attends to width {width}, but {type(self).__name__}'s decoder context "
                 f"has width {context_dim}: set the decoder's context_dim"
             )
-        for o in needs:
-            o.check_decoder(decoder)
 
-    # -- checks before step 1: parts against parts, data against parts --------------------
+    # -- the protocol: what the model provides, what the objectives need ----------------------
+    def capabilities(self) -> set[str]:
+        """The capabilities (:mod:`vlp.models.protocols`) this model provides, as built."""
+        return set()
+
+    def capability_hint(self, capability: str) -> str:
+        """How to give this model ``capability`` (appended to the error), or ""."""
+        return ""
+
+    def provided_by_objectives(self) -> set[str]:
+        """Capabilities some objective trains (``Objective.provides``): a family builds the parts
+        of such a capability only when asked (METER's ITC projections)."""
+        return {c for o in self.objectives.values() for c in o.provides}
+
     def feature_dims(self) -> dict[str, int]:
         """Widths of the views objectives read, by name: "match" (``match_features``), "mlm"
         (``mlm_hidden``), "itc" (``image_embeds`` / ``text_embeds``), "fused_image" (the
-        fusion's image stream), "image_tokens" (the vision tower's tokens). A family lists
-        the views it has; objectives check their heads against them (``Objective.check_width``)."""
+        fusion's image stream), "image_tokens" (the vision tower's tokens), "vocab" (rows of
+        the word embeddings). A family lists the views it has; objectives size or check their
+        heads against them (``Objective.width_of``)."""
         return {}
 
-    def check_objectives(self) -> None:
-        """Every objective checks its heads and the objectives it depends on against the built
-        model (``Objective.check_model``). A family calls it once its parts exist."""
-        for objective in self.objectives:
-            objective.check_model(self)
+    def setup_objectives(self) -> None:
+        """Check every objective's needs against ``capabilities()`` (a ConfigError naming the
+        objective, the capability and the fix), then let each size its heads from the model
+        (``Objective.setup``). A family calls it once its parts exist."""
+        have = self.capabilities()
+        for cap in have:
+            proto, _ = CAPABILITIES[cap]
+            if not isinstance(self, proto):
+                raise TypeError(f"{type(self).__name__} claims {cap!r} but lacks the methods of {proto.__name__}")
+        for objective in self.objectives.values():
+            for cap, why in objective.needs().items():
+                if cap not in have:
+                    hint = self.capability_hint(cap)
+                    raise ConfigError(
+                        f"objective {objective.name} ({type(objective).__name__}) needs a model with {cap!r} "
+                        f"({CAPABILITIES[cap][1]}) {why}; {type(self).__name__} as configured does not provide it"
+                        + (f": {hint}" if hint else "")
+                    )
+        for objective in self.objectives.values():
+            objective.check(self.output_type, type(self).__name__)
+            objective.setup(self)
 
     def check_data(self, datamodule) -> None:
         """ConfigError, naming both sides, unless ``datamodule``'s tokenizer (vocabulary,
@@ -195,7 +167,7 @@ class VLPModule(pl.LightningModule):
             reason = image.image_size_error(image_size)
             if reason:
                 raise ConfigError(f"data.image_size is {image_size} but model.image_encoder {reason}")
-        for objective in self.objectives:
+        for objective in self.objectives.values():
             objective.check_data(self, tokenizer, image_size)
 
     # -- to implement ---------------------------------------------------------------------
@@ -205,7 +177,12 @@ class VLPModule(pl.LightningModule):
     # -- training -------------------------------------------------------------------------
     def objectives_for(self, batch: dict) -> list[Objective]:
         modality = batch.get("modality", "pair")
-        return [o for o in self.objectives if modality in o.modalities]
+        return [o for o in self.objectives.values() if modality in o.modalities]
+
+    def requested(self, batch: dict, field: str) -> bool:
+        """Whether an objective of ``batch``'s modality reads output ``field`` (forward computes
+        an optional view, such as the fused pairs, only when one does)."""
+        return any(field in o.requires for o in self.objectives_for(batch))
 
     def compute_objectives(
         self, output: VLPOutput, batch: dict, objectives: list[Objective]
@@ -215,7 +192,7 @@ class VLPModule(pl.LightningModule):
         total = None
         for objective in objectives:
             result = objective(output, batch, self)
-            key = f"{objective.name}_loss"
+            key = objective.key("loss")
             if key not in result:
                 raise KeyError(f"{type(objective).__name__} returned {sorted(result)} without {key!r}")
             values.update(result)
@@ -233,7 +210,7 @@ class VLPModule(pl.LightningModule):
         if not objectives:
             raise ConfigError(
                 f"no objective of {type(self).__name__} handles {batch.get('modality')!r} batches; "
-                f"objectives: {[(o.name, o.modalities) for o in self.objectives]}"
+                f"objectives: {[(o.name, o.modalities) for o in self.objectives.values()]}"
             )
         output = self(batch)
         loss, values = self.compute_objectives(output, batch, objectives)
@@ -315,120 +292,128 @@ class VLPModule(pl.LightningModule):
             self._nonfinite(f"gradients are not finite ({len(bad)} tensors, e.g. {bad[:3]})")
             optimizer.zero_grad(set_to_none=True)  # the optimiser step then changes nothing
 
+    # -- after the optimiser step: EMA teachers, queues ------------------------------------------
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step(skipped=self.step_skipped)
+
+    def after_optimizer_step(self, *, skipped: bool = False) -> None:
+        """After every optimiser step (once per step under gradient accumulation): the family's
+        own updates (ALBEF's EMA; override and call super), then every objective's
+        ``after_optimizer_step`` (queues). Callbacks run after it, so a checkpoint written at
+        the end of a step holds the updated state. ``skipped``: a non-finite step."""
+        for objective in self.objectives.values():
+            objective.after_optimizer_step(self, skipped=skipped)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online, EMA twin) module pairs: the family's and the objectives' (``Objective.momentum_pairs``)."""
+        return [pair for o in self.objectives.values() for pair in o.momentum_pairs()]
+
+    @torch.no_grad()
+    def momentum_update(self, momentum: float) -> None:
+        """EMA of every twin: ``twin = m * twin + (1 - m) * online``, one fused pass (``lerp_``)."""
+        online, twins = [], []
+        for a, b in self.momentum_pairs():
+            online += list(a.parameters())
+            twins += list(b.parameters())
+        if twins:
+            torch._foreach_lerp_(twins, online, 1 - momentum)
+
     # -- optimisation ---------------------------------------------------------------------
-    def no_weight_decay_names(self) -> set[str]:
-        """Full parameter names listed by submodules' ``no_weight_decay()`` (timm convention)."""
-        names: set[str] = set()
-        for prefix, module in self.named_modules():
-            fn = getattr(module, "no_weight_decay", None)
-            if callable(fn) and module is not self:
-                names |= {f"{prefix}.{n}" if prefix else n for n in fn()}
-        return names
-
-    def apply_freeze(self) -> list[str]:
-        """Turn off gradients of the parameters matching ``optim.freeze``; → their names."""
-        frozen, unused = [], set(self.optim.freeze)
-        for name, p in self.named_parameters():
-            hits = [pat for pat in self.optim.freeze if fnmatch.fnmatchcase(name, pat)]
-            if hits:
-                p.requires_grad_(False)
-                frozen.append(name)
-                unused -= set(hits)
-        if unused:
-            raise ConfigError(f"optim.freeze patterns match no parameter: {sorted(unused)}")
-        return frozen
-
     def param_groups(self) -> list[dict]:
         """Parameter groups: (lr multiplier) x (decay / no decay); frozen parameters left out."""
-        if self.optim.freeze:
-            log.info("optim.freeze: %d parameter tensors frozen", len(self.apply_freeze()))
-        skip = self.no_weight_decay_names()
-        prefixes = sorted(self.optim.lr_mult, key=len, reverse=True)
-        unused = set(prefixes)
-        groups: dict[tuple[float, bool], dict] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            mult = 1.0
-            for prefix in prefixes:
-                if name == prefix or name.startswith(prefix + "."):
-                    mult = self.optim.lr_mult[prefix]
-                    unused.discard(prefix)
-                    break
-            decay = p.ndim >= 2 and name not in skip
-            g = groups.setdefault((mult, decay), {"params": [], "names": [], "lr_mult": mult})
-            g["params"].append(p)
-            g["names"].append(name)
-            g["weight_decay"] = self.optim.weight_decay if decay else 0.0
-        if unused:
-            raise ConfigError(f"optim.lr_mult prefixes match no trainable parameter: {sorted(unused)}")
-        for g in groups.values():
-            g["lr"] = self.optim.lr * g["lr_mult"]
-        return list(groups.values())
+        return param_groups(self, self.optim)
 
     def configure_optimizers(self):
-        groups = self.param_groups()
         # fused AdamW is the fastest on GPUs, but Lightning cannot clip gradients of a fused
         # optimizer under mixed precision: fall back to the (default) foreach kernels then.
         clipping = bool(self._trainer is not None and self.trainer.gradient_clip_val)
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 0
         fused = self.device.type == "cuda" and not clipping
-        opt_groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-        optimizer = torch.optim.AdamW(
-            opt_groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, fused=fused
+        return build_optimizer(self.param_groups(), self.optim, total_steps=total, fused=fused)
+
+    # -- evaluation: one path for every family -------------------------------------------------
+    def evaluator_for(self, modality: str) -> Evaluator | None:
+        """A fresh evaluator of ``modality`` batches: the objective that evaluates that modality
+        (``Objective.evaluator``: task heads), else the family's :meth:`default_evaluator`."""
+        found = next(
+            (e for o in self.objectives.values() if modality in o.eval_modalities if (e := o.evaluator(self))),
+            None,
         )
-        total = int(self.trainer.estimated_stepping_batches) if self.trainer else 0
-        if not math.isfinite(total) or total <= 0:
-            total = 0
-        warmup = self.optim.warmup_steps
-        warmup = int(warmup * total) if 0 < warmup < 1 else int(warmup)
-        schedule = _Schedule(
-            warmup=warmup, total=total, schedule=self.optim.schedule, min_ratio=self.optim.min_lr_ratio
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        found = found or self.default_evaluator(modality)
+        if found is not None:
+            found.model = self  # a rank without batches still scores the gathered pairs
+        return found
 
-    # -- evaluation ---------------------------------------------------------------------------
-    # A batch whose modality a task head (an objective with ``evaluate``: VQA, NLVR2, VE,
-    # Retrieval) handles is evaluated by that head, whatever the family; other batches go to
-    # the family's own _eval_step / _eval_epoch_end.
-    def task_head(self, modality: str) -> Objective | None:
-        """The objective that evaluates ``modality`` batches, if any."""
-        return next((o for o in self.objectives if modality in o.modalities and hasattr(o, "evaluate")), None)
+    def default_evaluator(self, modality: str) -> Evaluator | None:
+        """The family's evaluation of ``modality`` data no task head handles (None: refused)."""
+        return None
 
-    def _eval_step(self, stage: str, batch: dict, idx: int) -> None:
-        raise ConfigError(f"{type(self).__name__} has no {stage} evaluation for {batch.get('modality')!r} data")
+    def head_evaluator(self, head: Objective) -> Evaluator:
+        """The evaluator of a task head's torchmetrics metric, on this model's device."""
+        return HeadEvaluator(head, self.device)
 
-    def _eval_epoch_end(self, stage: str) -> None:
-        pass
+    def _start_evaluation(self, stage: str) -> None:
+        """An evaluator per source of ``stage``, on every rank (a rank with no batch of a small
+        split still takes part in each evaluator's collectives)."""
+        dm = self._datamodule()
+        modalities = dm.eval_source_modalities(stage) if hasattr(dm, "eval_source_modalities") else []
+        self._evaluators[stage] = [self.evaluator_for(m) for m in modalities]
+
+    def _eval_batch(self, stage: str, batch: dict, idx: int) -> None:
+        evaluators = self._evaluators.setdefault(stage, [])
+        while len(evaluators) <= idx:  # plain DataLoaders (no WebDataModule): one per loader seen
+            evaluators.append(self.evaluator_for(batch.get("modality", "pair")))
+        evaluator = evaluators[idx]
+        if evaluator is None:
+            raise ConfigError(
+                f"{type(self).__name__} has no {stage} evaluation for {batch.get('modality')!r} data "
+                f"(objectives: {list(self.objectives)}); add a task head for it or remove the source"
+            )
+        with torch.no_grad():
+            evaluator.update(self, self(batch), batch)
+
+    def _finish_evaluation(self, stage: str) -> None:
+        """Compute (on every rank), log and (on test) print every evaluator of ``stage``."""
+        names = self._source_names(stage)
+        for idx, evaluator in enumerate(self._evaluators.pop(stage, [])):
+            if evaluator is None:
+                continue
+            scores = evaluator.compute()
+            name = names[idx] if idx < len(names) else stage
+            prefix = stage if len(names) <= 1 else f"{stage}/{name}"
+            keys = {k: (f"{evaluator.task}_{k}" if evaluator.prefix_scores else k) for k in scores}
+            self.log_dict({f"{prefix}/{keys[k]}": v for k, v in scores.items()}, rank_zero_only=True)
+            record = {"scores": scores, "chance": evaluator.chance, **evaluator.extra()}
+            if evaluator.prefix_scores:
+                record["task"] = evaluator.task
+            self.results[prefix] = record
+            if stage == "test":
+                title = f"{name}: {evaluator.task} ({type(self).__name__})"
+                self.report("\n" + evaluator.table(scores, title) + "\n")
 
     @torch.no_grad()
-    def _eval_batch(self, stage: str, batch: dict, idx: int) -> None:
-        head = self.task_head(batch.get("modality", "pair"))
-        if head is None:
-            self._eval_step(stage, batch, idx)
-            return
-        key = f"{stage}_{idx}"
-        if key not in self._task_metrics:
-            self._task_metrics[key] = (head, head.new_metric().to(self.device))
-        head.evaluate(self._task_metrics[key][1], self(batch), batch, self)
-
-    def _task_epoch_end(self, stage: str) -> None:
-        """Summarise, log and (on test) print every task head's metric of ``stage``."""
-        names = self._source_names(stage)
-        for key in sorted(k for k in self._task_metrics if k.startswith(stage + "_")):
-            (head, metric), idx = self._task_metrics.pop(key), int(key.rsplit("_", 1)[1])
-            prefix = stage if len(names) <= 1 else f"{stage}/{names[idx]}"
-            title = f"{names[idx] if names else stage}: {head.name} ({type(self).__name__})"
-            scores, table = head.summarize(metric, title=title)
-            self.log_dict({f"{prefix}/{head.name}_{k}": v for k, v in scores.items()}, rank_zero_only=True)
-            self.results[prefix] = {"scores": scores, "task": head.name, "chance": head.chance}
-            if stage == "test":
-                self.report("\n" + table + "\n")
+    def evaluate(self, batches, stage: str = "test", modality: str | None = None) -> dict:
+        """Evaluate on ``batches`` (an iterable of batch dicts of one source) without a Trainer,
+        as ``vlp test`` does for one loader: → the result record (scores, chance, counts),
+        also kept in ``self.results[stage]``. Under torch.distributed every rank calls it
+        with its own share; pass ``modality`` so that a rank with no batch takes part."""
+        self._evaluators[stage] = [self.evaluator_for(modality)] if modality else []
+        for batch in batches:
+            self._eval_batch(stage, batch, 0)
+        self._finish_evaluation(stage)
+        return self.results[stage]
 
     def _source_names(self, stage: str) -> list[str]:
         """Names of the evaluation sources (one per DataLoader) of ``stage``."""
         dm = self._datamodule()
         return dm.eval_source_names(stage) if hasattr(dm, "eval_source_names") else []
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation("test")
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_batch("val", batch, dataloader_idx)
@@ -440,18 +425,16 @@ class VLPModule(pl.LightningModule):
         dm = self._datamodule()
         if dm is not None and hasattr(dm, "skip_report") and not self.trainer.sanity_checking:
             dm.finish_stage("val", dm.skip_report("val"))  # on every rank: the counts are summed over ranks
-        self._task_epoch_end("val")
-        self._eval_epoch_end("val")
+        self._finish_evaluation("val")
 
     def on_test_epoch_end(self) -> None:
-        self._task_epoch_end("test")
-        self._eval_epoch_end("test")
+        self._finish_evaluation("test")
 
     # -- reporting ------------------------------------------------------------------------
     def num_parameters(self) -> int:
         """Parameters of the model itself: momentum (EMA) twins, which only make training
         targets, are not counted."""
-        twins = {id(p) for _, twin in getattr(self, "momentum_pairs", list)() for p in twin.parameters()}
+        twins = {id(p) for _, twin in self.momentum_pairs() for p in twin.parameters()}
         return sum(p.numel() for p in self.parameters() if id(p) not in twins)
 
     def on_test_end(self) -> None:
@@ -488,9 +471,6 @@ class VLPModule(pl.LightningModule):
             print(text, flush=True)
 
     # -- initialisation from a checkpoint -------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[OBJECTIVES_KEY] = [o.name for o in self.objectives]  # for init_from (by name)
-
     def on_fit_start(self) -> None:
         """Before step 1: every checkpoint folder must be writable (Lightning's atomic save
         ignores a ``PermissionError``, which would leave a run with no checkpoint)."""
@@ -508,10 +488,10 @@ class VLPModule(pl.LightningModule):
     def load_init_from(self, path: str) -> None:
         """Start from the weights in ``path`` (``init_from``): position embeddings of another
         resolution are interpolated, queues of another size dropped; missing and unused keys
-        are logged. Objectives with an ``on_init_from`` hook then adapt their state (e.g. a
-        feature queue forgets the sample ids of the pretraining data)."""
-        # heads follow their objective's name, not its list position
-        state = load_state_dict_by_objective(path, [o.name for o in self.objectives])
+        are logged. EMA twins the checkpoint lacks start as copies of their online modules
+        (a fine-tuning checkpoint without ``*_m`` keys), then every objective's
+        ``after_init_from`` adapts its state (a queue forgets the pretraining sample ids)."""
+        state = load_state_dict(path)  # heads are keyed by objective name
         state, notes = fit_state_to_model(state, self, where=f"init_from {path}")
         own = self.state_dict()
         if not any(k in own for k in state):
@@ -524,13 +504,31 @@ class VLPModule(pl.LightningModule):
         log.info("init_from %s: %d missing, %d unexpected keys", path, len(missing), len(unexpected))
         for note in notes:
             log.warning("init_from: %s", note)
+        synced = self._sync_missing_twins(set(missing))
+        missing = [k for k in missing if k not in synced]
+        if synced:
+            log.info(
+                "init_from: %d momentum tensors not in the checkpoint copied from their online weights", len(synced)
+            )
         if missing:
             log.warning("init_from: not in checkpoint (newly initialised): %s", _short(missing))
         if unexpected:
             log.warning("init_from: in checkpoint but unused: %s", _short(unexpected))
-        for objective in self.objectives:
-            if hasattr(objective, "on_init_from"):
-                objective.on_init_from()
+        for objective in self.objectives.values():
+            objective.after_init_from(self)
+
+    @torch.no_grad()
+    def _sync_missing_twins(self, missing: set[str]) -> set[str]:
+        """Copy online weights into every EMA twin with a tensor in ``missing``; → the synced keys."""
+        names = {id(m): n for n, m in self.named_modules()}
+        synced: set[str] = set()
+        for online, twin in self.momentum_pairs():
+            prefix = names[id(twin)] + "."
+            keys = {prefix + k for k in twin.state_dict()}
+            if keys & missing:
+                twin.load_state_dict(online.state_dict())
+                synced |= keys
+        return synced
 
 
 def check_writable(folder: str | None) -> None:

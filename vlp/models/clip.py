@@ -5,7 +5,8 @@
     text  ─► text_encoder  ─► pooled ─► text_proj  ─► L2 norm ─┘
 
 Evaluation: image↔text retrieval R@1/5/10 over the whole split (several captions per
-image allowed), gathered across ranks; the table is printed after ``vlp test``.
+image allowed, any number of samples per rank), gathered across ranks; the table is
+printed after ``vlp test``. Image-only and text-only batches embed one side.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from vlp.encoders.base import Encoder
 from vlp.errors import ConfigError
-from vlp.eval.retrieval import RetrievalMetric, chance_recall, format_table
+from vlp.eval.evaluator import Evaluator, RetrievalEvaluator
 from vlp.models.base import OptimConfig, VLPModule
 from vlp.models.outputs import DualEncoderOutput
 from vlp.objectives.base import Objective
@@ -75,8 +76,13 @@ class CLIP(VLPModule):
             image_encoder.lock(unlocked_layers=lock_image)
         if lock_text is not None:
             text_encoder.lock(unlocked_layers=lock_text)
-        self.check_objectives()
-        self.metrics = nn.ModuleDict()
+        self.setup_objectives()
+
+    def capabilities(self) -> set[str]:
+        return {"contrastive"}
+
+    def capability_hint(self, capability: str) -> str:
+        return "a dual encoder has no fusion: use ALBEF or METER for objectives on fused pairs"
 
     def feature_dims(self) -> dict[str, int]:
         return {"itc": self.embed_dim}
@@ -91,36 +97,14 @@ class CLIP(VLPModule):
         return F.normalize(self.text_proj(pooled), dim=-1)  # (B, E)
 
     def forward(self, batch: dict) -> DualEncoderOutput:
-        return DualEncoderOutput(
-            image_embeds=self.encode_image(batch["image"]),
-            text_embeds=self.encode_text(batch["text_ids"], batch["text_mask"]),
-        )
+        """The embeddings of the batch's images and texts (either may be absent)."""
+        out = DualEncoderOutput()
+        if "image" in batch:
+            out.image_embeds = self.encode_image(batch["image"])
+        if "text_ids" in batch:
+            out.text_embeds = self.encode_text(batch["text_ids"], batch["text_mask"])
+        return out
 
     # -- evaluation -----------------------------------------------------------------------
-    def _metric(self, stage: str, idx: int) -> RetrievalMetric:
-        key = f"{stage}_{idx}"
-        if key not in self.metrics:
-            self.metrics[key] = RetrievalMetric().to(self.device)
-        return self.metrics[key]
-
-    def _eval_step(self, stage: str, batch: dict, idx: int) -> None:
-        if batch["modality"] not in ("pair", "retrieval"):
-            raise ConfigError(f"CLIP evaluates pair or retrieval data, got a {batch['modality']!r} source")
-        image = self.encode_image(batch["image"])
-        text = self.encode_text(batch["text_ids"], batch["text_mask"])
-        self._metric(stage, idx).update(image, batch["image_id"], text, batch["text_image_id"])
-
-    def _eval_epoch_end(self, stage: str) -> None:
-        names = self._source_names(stage)
-        for key in sorted(k for k in self.metrics if k.startswith(stage + "_")):
-            metric = self.metrics.pop(key)
-            idx = int(key.rsplit("_", 1)[1])
-            prefix = stage if len(names) <= 1 else f"{stage}/{names[idx]}"
-            scores = metric.compute()
-            counts = {k: scores.pop(k) for k in ("num_images", "num_texts")}
-            chance = chance_recall(counts["num_images"], counts["num_texts"])
-            self.log_dict({f"{prefix}/{k}": v for k, v in scores.items()}, rank_zero_only=True)
-            self.results[prefix] = {"scores": scores, "chance": chance, **counts}
-            if stage == "test":
-                title = f"{names[idx] if names else stage} retrieval ({counts['num_images']} images, {counts['num_texts']} texts)"
-                self.report("\n" + format_table(scores, chance, title=title) + "\n")
+    def default_evaluator(self, modality: str) -> Evaluator | None:
+        return RetrievalEvaluator() if modality in ("pair", "retrieval") else None

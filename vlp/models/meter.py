@@ -28,9 +28,13 @@ from torch import nn
 
 from vlp.encoders.base import Encoder
 from vlp.errors import ConfigError
+from vlp.eval.evaluator import CounterEvaluator, Evaluator
 from vlp.models.base import OptimConfig, VLPModule
 from vlp.models.outputs import VLPOutput
 from vlp.objectives.base import Objective, find_objective
+from vlp.objectives.generation import DenoisingLM
+from vlp.objectives.itm import ITM
+from vlp.objectives.mlm import MLM
 
 
 @dataclass
@@ -108,22 +112,32 @@ class METER(VLPModule):
         self.text_proj = nn.Linear(text_encoder.dim, hidden_size)  # METER: cross_modal_text_transform
         self.token_type = nn.Embedding(num_token_types, hidden_size)
         self.text_pooler = self.image_pooler = None
-        if decoder is None or any("fused_cls" in o.requires for o in self.objectives):
+        if decoder is None or any("fused_cls" in o.requires for o in self.objectives.values()):
             self.text_pooler = Pooler(hidden_size)  # (an encoder-decoder model needs them only
             self.image_pooler = Pooler(hidden_size)  # for classification heads)
-        names = {o.name for o in self.objectives}
         self.image_itc_proj = self.text_itc_proj = None
-        if "itc" in names:
+        if "contrastive" in self.provided_by_objectives():  # ITC projections only for an ITC objective
             self.image_itc_proj = nn.Linear(image_encoder.pooled_dim, embed_dim)
             self.text_itc_proj = nn.Linear(text_encoder.pooled_dim, embed_dim)
-        for o in self.objectives:
-            if getattr(o, "needs_momentum", False):
-                raise ConfigError(
-                    f"METER has no momentum model; objective {type(o).__name__} ({o.name}) needs one "
-                    "(use ITC instead of MomentumITC, MLM(distill: false))"
-                )
-        self.check_objectives()  # head widths against the views below, ITM's ITC
-        self._eval: dict[str, dict[str, float]] = {}
+        self.setup_objectives()  # needs against capabilities; heads sized from the views below
+
+    def capabilities(self) -> set[str]:
+        caps = {"masked_lm", "image_types"}
+        if self.text_pooler is not None:
+            caps.add("fusion")
+        if self.image_itc_proj is not None:
+            caps.add("contrastive")
+        if self.decoder is not None:
+            caps.add("decoder")
+        return caps
+
+    def capability_hint(self, capability: str) -> str:
+        return {
+            "contrastive": "METER builds ITC features only for an objective that trains them: add vlp.objectives.ITC",
+            "momentum": "METER has no momentum model: use ITC instead of MomentumITC, MLM(distill: false)",
+            "decoder": "set model.decoder (vlp.blocks.TextDecoder of context width hidden_size)",
+            "fusion": "this encoder-decoder METER has no poolers: its objectives generate text",
+        }.get(capability, "")
 
     def feature_dims(self) -> dict[str, int]:
         dims = {
@@ -134,6 +148,7 @@ class METER(VLPModule):
         }
         if self.image_itc_proj is not None:
             dims["itc"] = self.image_itc_proj.out_features
+        dims["vocab"] = self.word_embeddings().shape[0]
         return dims
 
     # -- the model ------------------------------------------------------------------------
@@ -185,80 +200,63 @@ class METER(VLPModule):
         return self.text_encoder.model.get_input_embeddings().weight
 
     def forward(self, batch: dict) -> METEROutput:
-        mask = batch["text_mask"].bool()
-        image_tokens, image_pooled = self.embed_image(batch["image"])
-        text_tokens, text_pooled = self.embed_text(batch["text_ids"], mask)
-        out = METEROutput(image_tokens=image_tokens, text_tokens=text_tokens, text_mask=mask)
-        if any("fused_cls" in o.requires for o in self.objectives_for(batch)):
-            out.fused_cls = self.match_features(text_tokens, mask, image_tokens)  # (B, 2D)
+        """The named views: fusion-ready image and text tokens, the fused pairs' match features
+        when an objective reads ``fused_cls``, the ITC features when the model has them. An
+        image-only or text-only batch gets its side only."""
+        out = METEROutput()
+        has_image, has_text = "image" in batch, "text_ids" in batch
+        if has_image:
+            out.image_tokens, image_pooled = self.embed_image(batch["image"])
+        if has_text:
+            out.text_mask = batch["text_mask"].bool()
+            out.text_tokens, text_pooled = self.embed_text(batch["text_ids"], out.text_mask)
+        if has_image and has_text and self.requested(batch, "fused_cls"):
+            out.fused_cls = self.match_features(out.text_tokens, out.text_mask, out.image_tokens)  # (B, 2D)
         if self.image_itc_proj is not None:
-            out.image_embeds = F.normalize(self.image_itc_proj(image_pooled), dim=-1)
-            out.text_embeds = F.normalize(self.text_itc_proj(text_pooled), dim=-1)
+            if has_image:
+                out.image_embeds = F.normalize(self.image_itc_proj(image_pooled), dim=-1)
+            if has_text:
+                out.text_embeds = F.normalize(self.text_itc_proj(text_pooled), dim=-1)
         return out
 
-    # -- evaluation (batches without a task head): ITM / MLM accuracy on pairs ---------------
-    @torch.no_grad()
-    def _eval_step(self, stage: str, batch: dict, idx: int) -> None:
-        if batch["modality"] not in ("pair", "retrieval"):
-            raise ConfigError(
-                f"METER has no task head for {batch['modality']!r} data (objectives: {[o.name for o in self.objectives]})"
-            )
-        image_tokens, _ = self.embed_image(batch["image"])
-        mask = batch["text_mask"].bool()
-        text_tokens, _ = self.embed_text(batch["text_ids"], mask)
-        # the image of each text: pair batches are aligned; retrieval batches map captions to images
-        ids = batch["image_id"].view(-1)  # (Ni,)
-        text_ids = batch.get("text_image_id", ids).view(-1)  # (Nt,)
-        owner = (text_ids[:, None] == ids[None, :]).int().argmax(1)  # (Nt,) image row of each text
-        stats = self._eval.setdefault(f"{stage}_{idx}", {})
-        itm = find_objective(self, "itm")
-        if itm is not None and len(ids) > 1:
-            # every caption with its own image, and with the next image of the batch
-            other = (owner + 1) % len(ids)
-            for label, images in ((True, owner), (False, other)):
-                hits = itm.is_match_pairs(self, text_tokens, mask, image_tokens[images]) == label
-                stats[f"itm_{label}_hits"] = stats.get(f"itm_{label}_hits", 0.0) + float(hits.sum())
-                stats[f"itm_{label}_n"] = stats.get(f"itm_{label}_n", 0.0) + hits.numel()
-        mlm = find_objective(self, "mlm")
-        if mlm is not None and "mlm_labels" in batch:
-            labels = batch["mlm_labels"]
-            target = labels != -100
-            hidden = self.mlm_hidden(batch["mlm_input_ids"], mask, image_tokens[owner])[target]  # (M, D)
-            emb = self.word_embeddings() if mlm.head.decoder is None else None
-            hits = mlm.head(hidden, emb).argmax(-1) == labels[target]
-            stats["mlm_hits"] = stats.get("mlm_hits", 0.0) + float(hits.sum())
-            stats["mlm_n"] = stats.get("mlm_n", 0.0) + hits.numel()
-        dlm = find_objective(self, "dlm")
-        if dlm is not None and "mlm_labels" in batch:
-            hits, n = dlm.masked_hits(self, {**batch, "text_mask": mask}, image_tokens[owner])
-            stats["dlm_hits"] = stats.get("dlm_hits", 0.0) + hits
-            stats["dlm_n"] = stats.get("dlm_n", 0.0) + n
+    # -- evaluation (pairs without a task head): the pretraining heads' accuracies -------------
+    def default_evaluator(self, modality: str) -> Evaluator | None:
+        if modality not in ("pair", "retrieval"):
+            return None
+        return CounterEvaluator(
+            _count_pretraining_hits,
+            names=["itm_True", "itm_False", "mlm", "dlm"],
+            balanced=("itm",),
+            title="METER pretraining objectives (ITM balanced, chance 50)",
+        )
 
-    def _eval_epoch_end(self, stage: str) -> None:
-        names = self._source_names(stage)
-        for key in sorted(k for k in self._eval if k.startswith(stage + "_")):
-            stats, idx = self._eval.pop(key), int(key.rsplit("_", 1)[1])
-            stats = self._all_reduce(stats)
-            scores = {}
-            if stats.get("itm_True_n"):
-                pos = stats["itm_True_hits"] / stats["itm_True_n"]
-                neg = stats["itm_False_hits"] / max(1.0, stats["itm_False_n"])
-                scores["itm_acc"] = 100 * (pos + neg) / 2
-            for name in ("mlm", "dlm"):  # masked-token accuracy: MLM head or decoder
-                if stats.get(f"{name}_n"):
-                    scores[f"{name}_acc"] = 100 * stats[f"{name}_hits"] / stats[f"{name}_n"]
-            prefix = stage if len(names) <= 1 else f"{stage}/{names[idx]}"
-            self.log_dict({f"{prefix}/{k}": v for k, v in scores.items()}, rank_zero_only=True)
-            self.results[prefix] = {"scores": scores, "chance": {"itm_acc": 50.0}}
-            if stage == "test":
-                rows = "\n".join(f"  {k:10}{v:8.2f}" for k, v in scores.items())
-                self.report(f"\n{prefix}: METER pretraining objectives (ITM balanced, chance 50)\n{rows}\n")
 
-    def _all_reduce(self, stats: dict[str, float]) -> dict[str, float]:
-        """Sum the counters over ranks."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return stats
-        keys = sorted(stats)
-        t = torch.tensor([stats[k] for k in keys], device=self.device, dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return dict(zip(keys, t.tolist(), strict=True))
+@torch.no_grad()
+def _count_pretraining_hits(counter: CounterEvaluator, model: METER, output: METEROutput, batch: dict) -> None:
+    """ITM decisions on every caption with its own image and with the next image of the batch;
+    masked-token hits of the MLM head and of the denoising decoder."""
+    image_tokens, text_tokens, mask = output.image_tokens, output.text_tokens, output.text_mask
+    # the image of each text: pair batches are aligned; retrieval batches map captions to images
+    ids = batch["image_id"].view(-1)  # (Ni,)
+    text_ids = batch.get("text_image_id", ids).view(-1)  # (Nt,)
+    owner = (text_ids[:, None] == ids[None, :]).int().argmax(1)  # (Nt,) image row of each text
+    itm = find_objective(model, ITM)
+    if itm is not None and len(ids) > 1:
+        other = (owner + 1) % len(ids)
+        for label, images in ((True, owner), (False, other)):
+            hits = itm.is_match_pairs(model, text_tokens, mask, image_tokens[images]) == label
+            counter.add(f"itm_{label}", hits.sum(), hits.numel())
+    if "mlm_labels" not in batch:
+        return
+    mlm = find_objective(model, MLM)
+    if mlm is not None:
+        labels = batch["mlm_labels"]
+        target = labels != -100
+        hidden = model.mlm_hidden(batch["mlm_input_ids"], mask, image_tokens[owner])[target]  # (M, D)
+        emb = model.word_embeddings() if mlm.head.decoder is None else None
+        hits = mlm.head(hidden, emb).argmax(-1) == labels[target]
+        counter.add("mlm", hits.sum(), hits.numel())
+    dlm = find_objective(model, DenoisingLM)
+    if dlm is not None:
+        hits, n = dlm.masked_hits(model, {**batch, "text_mask": mask}, image_tokens[owner])
+        counter.add("dlm", hits, n)

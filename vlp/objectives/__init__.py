@@ -1,12 +1,14 @@
 """Training objectives: each returns ``{"<name>_loss": ..., metrics}`` and owns its head."""
 
-from vlp.objectives.albef import ITM, MLM, MomentumITC
 from vlp.objectives.base import Objective
-from vlp.objectives.distributed import gather_no_grad, gather_with_grad, world_info
 from vlp.objectives.generation import DenoisingLM, GenerativeITM, GenerativeVQA
 from vlp.objectives.itc import ITC
+from vlp.objectives.itm import ITM
 from vlp.objectives.mim import MIM
+from vlp.objectives.mlm import MLM
+from vlp.objectives.momentum_itc import MomentumITC
 from vlp.objectives.tasks import NLVR2, VE, VQA, Retrieval
+from vlp.utils.distributed import gather_no_grad, gather_with_grad, world_info
 
 __all__ = [
     "DenoisingLM",

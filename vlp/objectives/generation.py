@@ -34,8 +34,8 @@ from torch import nn
 from vlp.data.tokenization import Tokenizer
 from vlp.errors import ConfigError
 from vlp.eval.vqa import normalize_answer
-from vlp.objectives.albef import ITM
 from vlp.objectives.base import Objective
+from vlp.objectives.itm import ITM
 from vlp.objectives.tasks import VQA, load_answer_vocab
 
 
@@ -65,11 +65,22 @@ def token_accuracy(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) 
 class GenerativeObjective(Objective):
     """Base of the generation objectives: holds the tokenizer and checks the model's decoder."""
 
-    needs_decoder = True
-
-    def __init__(self, weight: float = 1.0, *, tokenizer: Tokenizer) -> None:
-        super().__init__(weight)
+    def __init__(
+        self,
+        weight: float = 1.0,
+        *,
+        tokenizer: Tokenizer,
+        name: str | None = None,
+        modalities: list[str] | None = None,
+    ) -> None:
+        super().__init__(weight, name=name, modalities=modalities)
         self.tokenizer = tokenizer
+
+    def needs(self) -> dict[str, str]:
+        return {"decoder": "to generate text (set model.decoder: vlp.blocks.TextDecoder)"}
+
+    def setup(self, model: nn.Module) -> None:
+        self.check_decoder(model.decoder)
 
     def check_decoder(self, decoder: nn.Module) -> None:
         """ConfigError unless ``decoder`` can write every token of the tokenizer."""
@@ -96,7 +107,7 @@ class DenoisingLM(GenerativeObjective):
     version and the image. Needs ``data.maskers: [vlp.data.MLMMasker]``. Logs the token
     accuracy of the reconstruction (``dlm_acc``)."""
 
-    name = "dlm"
+    default_name = "dlm"
     requires = ("image_tokens",)
     requires_batch = ("mlm_input_ids", "text_ids", "text_mask")
 
@@ -124,7 +135,7 @@ class DenoisingLM(GenerativeObjective):
         loss, logits = decoder.loss(batch["text_ids"], mask, context, context_mask)  # logits (B, Lt-1, V)
         with torch.no_grad():
             acc = token_accuracy(logits, batch["text_ids"], mask)
-        return {"dlm_loss": loss, "dlm_acc": acc}
+        return self.named(loss=loss, acc=acc)
 
     @torch.no_grad()
     def masked_hits(self, model: nn.Module, batch: dict, image_tokens: torch.Tensor) -> tuple[float, int]:
@@ -149,7 +160,6 @@ class GenerativeITM(ITM):
         hard_negatives / temperature / exclude_same_text: as :class:`~vlp.objectives.ITM`.
     """
 
-    needs_decoder = True
     requires = ("text_tokens", "text_mask", "image_tokens", "image_embeds", "text_embeds")
 
     def __init__(
@@ -157,15 +167,21 @@ class GenerativeITM(ITM):
         weight: float = 1.0,
         *,
         tokenizer: Tokenizer,
+        name: str | None = None,
+        modalities: list[str] | None = None,
         words: tuple[str, str] = ("true", "false"),
         hard_negatives: bool = False,
         temperature: float = 0.07,
         exclude_same_text: bool = True,
     ) -> None:
         super().__init__(
-            weight, dim=1, hard_negatives=hard_negatives, temperature=temperature, exclude_same_text=exclude_same_text
-        )
-        self.head = None  # the decoder answers
+            weight,
+            name=name,
+            modalities=modalities,
+            hard_negatives=hard_negatives,
+            temperature=temperature,
+            exclude_same_text=exclude_same_text,
+        )  # no head: the decoder answers
         self.tokenizer = tokenizer
         self.words = tuple(words)
         ids, mask = encode_targets(tokenizer, list(self.words), torch.device("cpu"))
@@ -176,6 +192,13 @@ class GenerativeITM(ITM):
 
     check_decoder = GenerativeObjective.check_decoder
     check_data = GenerativeObjective.check_data
+    setup = GenerativeObjective.setup
+
+    def needs(self) -> dict[str, str]:
+        needs = GenerativeObjective.needs(self)
+        if self.hard_negatives:
+            needs["contrastive"] = "to sample hard negatives by ITC similarity (or set hard_negatives: false)"
+        return needs
 
     def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         decoder = model_decoder(model, self)
@@ -190,7 +213,7 @@ class GenerativeITM(ITM):
         loss, logits = decoder.loss(self.targets[label], None, context, context_mask)  # logits (3B, 2, V)
         with torch.no_grad():
             acc = ((self._margin(logits[:, 0]) > 0) == (label == 0)).float().mean()
-        return {"itm_loss": loss, "itm_acc": acc}
+        return self.named(loss=loss, acc=acc)
 
     def _margin(self, first_logits: torch.Tensor) -> torch.Tensor:
         return first_logits[:, self.match_id] - first_logits[:, self.no_match_id]
@@ -226,7 +249,6 @@ class GenerativeVQA(VQA):
         question_types / baseline: as :class:`~vlp.objectives.VQA`.
     """
 
-    needs_decoder = True
     requires = ("text_tokens", "text_mask", "image_tokens")
 
     def __init__(
@@ -234,13 +256,15 @@ class GenerativeVQA(VQA):
         weight: float = 1.0,
         *,
         tokenizer: Tokenizer,
+        name: str | None = None,
+        modalities: list[str] | None = None,
         max_answer_tokens: int = 8,
         answers: list[str] | str | None = None,
         k: int | None = 128,
         question_types: list[str] | None = None,
         baseline: dict[str, float] | None = None,
     ) -> None:
-        Objective.__init__(self, weight)  # no classifier
+        Objective.__init__(self, weight, name=name, modalities=modalities)  # no classifier
         self.tokenizer = tokenizer
         self.max_answer_tokens = max_answer_tokens
         self.question_types = question_types
@@ -255,7 +279,8 @@ class GenerativeVQA(VQA):
 
     check_decoder = GenerativeObjective.check_decoder
     check_data = GenerativeObjective.check_data
-    check_model = Objective.check_model  # no classifier head to size
+    needs = GenerativeObjective.needs
+    setup = GenerativeObjective.setup  # no classifier head to size
 
     @staticmethod
     def target_answer(answers: list[str]) -> str:
@@ -275,7 +300,7 @@ class GenerativeVQA(VQA):
         loss, logits = decoder.loss(ids, mask, context, context_mask)  # logits (B, La-1, V)
         with torch.no_grad():
             acc = token_accuracy(logits, ids, mask)
-        return {"vqa_loss": loss, "vqa_token_acc": acc}
+        return self.named(loss=loss, token_acc=acc)
 
     @torch.no_grad()
     def answer(self, output, model) -> list[str]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from vlp.errors import ConfigError
 from vlp.objectives.base import Objective
-from vlp.objectives.distributed import gather_no_grad, gather_with_grad, world_info
+from vlp.utils.distributed import gather_no_grad, gather_with_grad, world_info
 
 
 def contrastive_targets(ids: torch.Tensor, ids_all: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,7 @@ class ITC(Objective):
     """Symmetric image-text InfoNCE with a learnable temperature.
 
     Args:
-        weight: loss weight.
+        weight / name / modalities: see :class:`~vlp.objectives.base.Objective`.
         temperature: initial temperature (CLIP and ALBEF: 0.07).
         learn_temperature: make the temperature a parameter.
         min_temperature / max_temperature: clamp range applied in forward (CLIP: 0.01,
@@ -39,13 +39,16 @@ class ITC(Objective):
         label_smoothing: mixed into the targets as in ``F.cross_entropy``.
     """
 
-    name = "itc"
+    default_name = "itc"
     requires = ("image_embeds", "text_embeds")
+    provides = ("contrastive",)
 
     def __init__(
         self,
         weight: float = 1.0,
         *,
+        name: str | None = None,
+        modalities: list[str] | None = None,
         temperature: float = 0.07,
         learn_temperature: bool = True,
         min_temperature: float = 0.01,
@@ -53,7 +56,7 @@ class ITC(Objective):
         positives: str = "diagonal",
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(weight)
+        super().__init__(weight, name=name, modalities=modalities)
         if positives not in ("diagonal", "same_id"):
             raise ConfigError(f"ITC: positives must be 'diagonal' or 'same_id', got {positives!r}")
         if not 0 < min_temperature <= temperature <= max_temperature:
@@ -63,6 +66,9 @@ class ITC(Objective):
         self.positives = positives
         self.label_smoothing = label_smoothing
         self.requires_batch = ("image_id",) if positives == "same_id" else ()
+
+    def needs(self) -> dict[str, str]:
+        return {"contrastive": "to contrast its image and text features"}
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale) clamped to [1/max_temperature, 1/min_temperature] (pure, no in-place clamp)."""
@@ -91,4 +97,4 @@ class ITC(Objective):
             pred = logits_i2t.argmax(1)  # (B,)
             hit = pred == targets if targets.ndim == 1 else targets.gather(1, pred[:, None]).squeeze(1) > 0
             acc = hit.float().mean()
-        return {"itc_loss": (loss_i2t + loss_t2i) / 2, "itc_acc": acc, "itc_temperature": 1 / self.scale().detach()}
+        return self.named(loss=(loss_i2t + loss_t2i) / 2, acc=acc, temperature=1 / self.scale().detach())

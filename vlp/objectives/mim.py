@@ -34,13 +34,14 @@ class MIM(Objective):
     a fusion that returns an image stream (METER).
 
     Args:
-        dim: width of the fused image tokens.
-        encoder_dim: width of the vision tower's patch embeddings (the mask token's width).
+        dim: width of the fused image tokens (default: the model's).
+        encoder_dim: width of the vision tower's patch embeddings (the mask token's width;
+            default: the model's).
         patch_size: pixels per patch side.
         norm_pix: regress per-patch normalised pixels (MAE) instead of raw ones.
     """
 
-    name = "mim"
+    default_name = "mim"
     requires = ("text_tokens", "text_mask")
     requires_batch = ("image", "image_mask")
 
@@ -48,20 +49,30 @@ class MIM(Objective):
         self,
         weight: float = 1.0,
         *,
-        dim: int = 768,
-        encoder_dim: int = 768,
+        name: str | None = None,
+        modalities: list[str] | None = None,
+        dim: int | None = None,
+        encoder_dim: int | None = None,
         patch_size: int = 16,
         norm_pix: bool = True,
     ) -> None:
-        super().__init__(weight)
+        super().__init__(weight, name=name, modalities=modalities)
         self.patch_size = patch_size
         self.norm_pix = norm_pix
-        self.mask_token = nn.Parameter(torch.empty(encoder_dim).normal_(std=0.02))
-        self.head = nn.Linear(dim, patch_size * patch_size * 3)
+        self.mask_token = nn.Parameter(torch.empty(encoder_dim).normal_(std=0.02)) if encoder_dim else None
+        self.head = nn.Linear(dim, patch_size * patch_size * 3) if dim else None
 
-    def check_model(self, model: nn.Module) -> None:
-        self.check_width("dim", self.head.in_features, model, "fused_image")
-        self.check_width("encoder_dim", self.mask_token.numel(), model, "image_tokens")
+    def needs(self) -> dict[str, str]:
+        return {"fusion": "to reconstruct patches from the fused image stream", "image_types": "to embed masked images"}
+
+    def setup(self, model: nn.Module) -> None:
+        dim = self.width_of("dim", self.head.in_features if self.head is not None else None, model, "fused_image")
+        given = self.mask_token.numel() if self.mask_token is not None else None
+        encoder_dim = self.width_of("encoder_dim", given, model, "image_tokens")
+        if self.head is None:
+            self.head = nn.Linear(dim, self.patch_size * self.patch_size * 3)
+        if self.mask_token is None:
+            self.mask_token = nn.Parameter(torch.empty(encoder_dim).normal_(std=0.02))
 
     def check_data(self, model: nn.Module, tokenizer, image_size: int | None) -> None:
         p = self.patch_size
@@ -94,4 +105,4 @@ class MIM(Objective):
         patches = image[:, image.shape[1] - mask.shape[1] :]  # (B, N, D): the prefix tokens dropped
         error = (self.head(patches) - self.target(batch["image"])).pow(2).mean(-1)  # (B, N)
         loss = error[mask].mean() if mask.any() else error.sum() * 0
-        return {"mim_loss": loss}
+        return self.named(loss=loss)

@@ -15,9 +15,11 @@ ALBEF's fused CLS), so the same head fine-tunes every fusion family.
 * :class:`Retrieval`: image-text retrieval fine-tuning (a ranking loss on the ITM score,
   ViLT/METER) and R@K evaluation by the fusion model (ITC top-k re-ranked, or all pairs).
 
-Evaluation protocol (used by the models' ``_eval_step``): ``metric = head.new_metric()``,
-``head.evaluate(metric, output, batch, model)`` per batch, ``head.summarize(metric)`` →
-``(scores, table)``.
+Evaluation: each head's ``evaluator(model)`` (``Objective.evaluator``) gives the metric
+state of one source: VQA, VE and NLVR2 wrap their torchmetrics metric
+(``new_metric`` / ``evaluate`` / ``summarize``) in a
+:class:`~vlp.eval.evaluator.HeadEvaluator`; Retrieval returns a
+:class:`~vlp.eval.evaluator.RetrievalEvaluator` that re-ranks with the model's ITM.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class VQA(Objective):
     zeros); their share is logged as ``vqa_oov``.
 
     Args:
-        dim: width of the match features (METER: 2 x hidden).
+        dim: width of the match features (default: the model's; METER: 2 x hidden).
         answers: the answer vocabulary (see :func:`load_answer_vocab`).
         scheme: soft scores, "vilt" (0.3 / 0.6 / 0.9 / 1 for 1 / 2 / 3 / 4+ annotators) or
             "vqa" (min(1, n / 3)).
@@ -97,8 +99,9 @@ class VQA(Objective):
             the majority-answer baseline.
     """
 
-    name = "vqa"
-    modalities = ("vqa",)
+    default_name = "vqa"
+    default_modalities = ("vqa",)
+    eval_modalities = ("vqa",)
     requires = ("fused_cls",)
     requires_batch = ("answers",)
 
@@ -106,23 +109,33 @@ class VQA(Objective):
         self,
         weight: float = 1.0,
         *,
-        dim: int = 1536,
+        name: str | None = None,
+        modalities: list[str] | None = None,
+        dim: int | None = None,
         answers: list[str] | str,
         scheme: str = "vilt",
         question_types: list[str] | None = None,
         baseline: dict[str, float] | None = None,
     ) -> None:
-        super().__init__(weight)
+        super().__init__(weight, name=name, modalities=modalities)
         self.answers = load_answer_vocab(answers)
         self.vocab = {a: i for i, a in enumerate(self.answers)}
         self.scheme = scheme
         vqa_soft_scores([], self.vocab, scheme)  # checks the scheme name now
         self.question_types = question_types
         self.baseline = baseline
-        self.head = classifier(dim, len(self.answers))
+        self.head = classifier(dim, len(self.answers)) if dim is not None else None
 
-    def check_model(self, model: nn.Module) -> None:
-        self.check_width("dim", self.head[0].in_features, model, "match")
+    def needs(self) -> dict[str, str]:
+        return {"fusion": "to classify fused (question, image) pairs"}
+
+    def setup(self, model: nn.Module) -> None:
+        dim = self.width_of("dim", self.head[0].in_features if self.head is not None else None, model, "match")
+        if self.head is None:
+            self.head = classifier(dim, len(self.answers))
+
+    def evaluator(self, model: nn.Module):
+        return model.head_evaluator(self)
 
     @property
     def chance(self) -> dict[str, float]:
@@ -150,7 +163,7 @@ class VQA(Objective):
         with torch.no_grad():
             best = logits.argmax(-1)  # (B,)
             score = target.gather(1, best[:, None]).squeeze(1)  # soft score of the prediction
-        return {"vqa_loss": loss, "vqa_score": score.mean(), "vqa_oov": torch.tensor(oov / max(1, len(target)))}
+        return self.named(loss=loss, score=score.mean(), oov=torch.tensor(oov / max(1, len(target))))
 
     # -- evaluation -------------------------------------------------------------------------
     def new_metric(self) -> VQAAccuracy:
@@ -171,23 +184,40 @@ class VE(Objective):
     labels 0 entailment, 1 neutral, 2 contradiction; cross-entropy; accuracy.
 
     Args:
-        dim: width of the match features.
+        dim: width of the match features (default: the model's).
         num_classes: 3 for SNLI-VE.
     """
 
-    name = "ve"
-    modalities = ("ve",)
+    default_name = "ve"
+    default_modalities = ("ve",)
+    eval_modalities = ("ve",)
     requires = ("fused_cls",)
     requires_batch = ("label",)
 
-    def __init__(self, weight: float = 1.0, *, dim: int = 1536, num_classes: int = 3) -> None:
-        super().__init__(weight)
+    def __init__(
+        self,
+        weight: float = 1.0,
+        *,
+        name: str | None = None,
+        modalities: list[str] | None = None,
+        dim: int | None = None,
+        num_classes: int = 3,
+    ) -> None:
+        super().__init__(weight, name=name, modalities=modalities)
         self.num_classes = num_classes
-        self.head = classifier(dim, num_classes)
+        self.head = classifier(dim, num_classes) if dim is not None else None
         self.chance = {"acc": 100.0 / num_classes}
 
-    def check_model(self, model: nn.Module) -> None:
-        self.check_width("dim", self.head[0].in_features, model, "match")
+    def needs(self) -> dict[str, str]:
+        return {"fusion": "to classify fused (hypothesis, image) pairs"}
+
+    def setup(self, model: nn.Module) -> None:
+        dim = self.width_of("dim", self.head[0].in_features if self.head is not None else None, model, "match")
+        if self.head is None:
+            self.head = classifier(dim, self.num_classes)
+
+    def evaluator(self, model: nn.Module):
+        return model.head_evaluator(self)
 
     def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         logits = self.head(output.fused_cls)  # (B, C)
@@ -195,7 +225,7 @@ class VE(Objective):
         loss = F.cross_entropy(logits, label)
         with torch.no_grad():
             acc = (logits.argmax(-1) == label).float().mean()
-        return {f"{self.name}_loss": loss, f"{self.name}_acc": acc}
+        return self.named(loss=loss, acc=acc)
 
     def new_metric(self) -> ClassificationAccuracy:
         return ClassificationAccuracy(self.num_classes)
@@ -220,23 +250,41 @@ class NLVR2(Objective):
     two-type checkpoint).
 
     Args:
-        dim: width of one pair's match features (the head sees 2 x dim).
+        dim: width of one pair's match features (the head sees 2 x dim; default: the model's).
         second_image_type: token type of the right image.
     """
 
-    name = "nlvr2"
-    modalities = ("nlvr2",)
+    default_name = "nlvr2"
+    default_modalities = ("nlvr2",)
+    eval_modalities = ("nlvr2",)
     requires = ("fused_cls", "text_tokens", "text_mask")
     requires_batch = ("image2", "label")
 
-    def __init__(self, weight: float = 1.0, *, dim: int = 1536, second_image_type: int = 2) -> None:
-        super().__init__(weight)
+    def __init__(
+        self,
+        weight: float = 1.0,
+        *,
+        name: str | None = None,
+        modalities: list[str] | None = None,
+        dim: int | None = None,
+        second_image_type: int = 2,
+    ) -> None:
+        super().__init__(weight, name=name, modalities=modalities)
         self.second_image_type = second_image_type
-        self.head = classifier(2 * dim, 2, hidden=dim)  # METER: Linear(4h, 2h) on the two pairs
+        self.head = classifier(2 * dim, 2, hidden=dim) if dim is not None else None  # METER: Linear(4h, 2h)
         self.chance = {"acc": 50.0}
 
-    def check_model(self, model: nn.Module) -> None:
-        self.check_width("dim", self.head[0].in_features // 2, model, "match")  # the head sees two pairs
+    def needs(self) -> dict[str, str]:
+        return {"fusion": "to fuse the sentence with each image", "image_types": "to embed the second image"}
+
+    def evaluator(self, model: nn.Module):
+        return model.head_evaluator(self)
+
+    def setup(self, model: nn.Module) -> None:
+        given = self.head[0].in_features // 2 if self.head is not None else None  # the head sees two pairs
+        dim = self.width_of("dim", given, model, "match")
+        if self.head is None:
+            self.head = classifier(2 * dim, 2, hidden=dim)
         types = getattr(getattr(model, "token_type", None), "num_embeddings", None)  # METER's type embedding
         if types is not None and self.second_image_type >= types:
             raise ConfigError(
@@ -246,10 +294,6 @@ class NLVR2(Objective):
 
     def features(self, output, batch: dict, model) -> torch.Tensor:
         """(B, 2 dim): the sentence fused with the left image, then with the right one."""
-        if not hasattr(model, "embed_image"):
-            raise ConfigError(
-                f"NLVR2 needs a model with embed_image(image, token_type); {type(model).__name__} has none"
-            )
         right, _ = model.embed_image(batch["image2"], token_type=self.second_image_type)  # (B, Li, D)
         return torch.cat([output.fused_cls, model.match_features(output.text_tokens, output.text_mask, right)], -1)
 
@@ -259,7 +303,7 @@ class NLVR2(Objective):
         loss = F.cross_entropy(logits, label)
         with torch.no_grad():
             acc = (logits.argmax(-1) == label).float().mean()
-        return {"nlvr2_loss": loss, "nlvr2_acc": acc}
+        return self.named(loss=loss, acc=acc)
 
     def new_metric(self) -> ClassificationAccuracy:
         return ClassificationAccuracy(2)
@@ -271,18 +315,6 @@ class NLVR2(Objective):
     def summarize(self, metric: ClassificationAccuracy, title: str = "") -> tuple[dict[str, float], str]:
         acc = float(metric.compute())
         return {"acc": acc}, (f"{title}\n" if title else "") + f"accuracy {acc:.2f}% (chance 50.00)"
-
-
-class PairCache:
-    """What a Retrieval head keeps over an evaluation epoch: the tokens (and, when the model
-    has them, ITC features) of every image and caption, for pair scoring at the end."""
-
-    def __init__(self) -> None:
-        self.parts: list[tuple] = []
-        self.model: nn.Module | None = None
-
-    def to(self, device) -> PairCache:  # the models move metrics to their device
-        return self
 
 
 class Retrieval(Objective):
@@ -318,8 +350,9 @@ class Retrieval(Objective):
         batch_size: fused pairs per forward pass in evaluation.
     """
 
-    name = "irtr"
-    modalities = ("pair", "retrieval")
+    default_name = "irtr"
+    default_modalities = ("pair", "retrieval")
+    eval_modalities = ("pair", "retrieval")
     requires = ("image_tokens", "text_tokens", "text_mask")
     requires_batch = ("image_id", "text_image_id")
 
@@ -327,13 +360,15 @@ class Retrieval(Objective):
         self,
         weight: float = 1.0,
         *,
+        name: str | None = None,
+        modalities: list[str] | None = None,
         negatives: int = 15,
         direction: str = "i2t",
         k: int | None = 128,
         max_images: int | None = None,
         batch_size: int = 256,
     ) -> None:
-        super().__init__(weight)
+        super().__init__(weight, name=name, modalities=modalities)
         if direction not in ("i2t", "t2i"):
             raise ConfigError(f"Retrieval direction must be 'i2t' or 't2i', got {direction!r}")
         if negatives < 1:
@@ -344,14 +379,32 @@ class Retrieval(Objective):
         self.max_images = max_images
         self.chance: dict[str, float] = {}
 
-    @staticmethod
-    def scorer(model) -> Objective:
-        itm = find_objective(model, "itm")
+    def setup(self, model: nn.Module) -> None:  # the scorer (an ITM) declares what it needs
+        self.scorer(model)  # at construction, not after the first epoch
+
+    def scorer(self, model) -> Objective:
+        """The model's ITM objective, which scores pairs (``score_pairs``)."""
+        from vlp.objectives.itm import ITM
+
+        itm = find_objective(model, ITM)
         if itm is None:
             raise ConfigError(
-                "Retrieval ranks pairs with the ITM head's match logit: add vlp.objectives.ITM to the objectives"
+                f"Retrieval ({self.name}) ranks pairs with the ITM head's match logit: add vlp.objectives.ITM "
+                "to the objectives"
             )
         return itm
+
+    def evaluator(self, model: nn.Module):
+        from vlp.eval.evaluator import RetrievalEvaluator
+
+        return RetrievalEvaluator(
+            self.scorer(model),
+            k=self.k,
+            max_images=self.max_images,
+            batch_size=self.batch_size,
+            task=self.name,
+            prefix_scores=True,
+        )
 
     def candidates(self, image_id: torch.Tensor, text_image_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image rows (Q, 1 + n), text rows (Q, 1 + n)) of each query's candidates, the
@@ -386,68 +439,4 @@ class Retrieval(Objective):
         loss = F.cross_entropy(scores, target)
         with torch.no_grad():
             acc = (scores.argmax(1) == 0).float().mean()
-        return {"irtr_loss": loss, "irtr_acc": acc}
-
-    def new_metric(self) -> PairCache:
-        return PairCache()
-
-    @torch.no_grad()
-    def evaluate(self, cache: PairCache, output, batch: dict, model=None) -> None:
-        self.scorer(model)  # fail on the first batch, not after the epoch
-        cache.model = model
-        embeds = (getattr(output, "image_embeds", None), getattr(output, "text_embeds", None))
-        if embeds[0] is None or embeds[1] is None:
-            embeds = (None, None)
-        cache.parts.append(
-            (
-                output.image_tokens,
-                embeds[0],
-                batch["image_id"].view(-1),
-                output.text_tokens,
-                output.text_mask,
-                embeds[1],
-                batch["text_image_id"].view(-1),
-            )
-        )
-
-    @torch.no_grad()
-    def summarize(self, cache: PairCache, title: str = "") -> tuple[dict[str, float], str]:
-        from vlp.eval.retrieval import (
-            chance_recall,
-            format_rerank_table,
-            format_table,
-            gather_pair_tokens,
-            recall_at_k,
-            rerank_topk,
-            retrieval_scores,
-            score_all_pairs,
-        )
-
-        model, itm = cache.model, self.scorer(cache.model)
-        image_tokens, image_embeds, ids, text_tokens, text_mask, text_embeds, index = gather_pair_tokens(cache.parts)
-        cache.parts.clear()
-        subset = ""
-        if self.max_images is not None and self.max_images < len(ids):
-            subset = f"the first {self.max_images} of {len(ids)} images: "
-            keep = index < self.max_images  # (Nt,) captions of the kept images (ids are sorted)
-            image_tokens, ids = image_tokens[: self.max_images], ids[: self.max_images]
-            image_embeds = image_embeds[: self.max_images] if image_embeds is not None else None
-            text_tokens, text_mask, index = text_tokens[keep], text_mask[keep], index[keep]
-            text_embeds = text_embeds[keep] if text_embeds is not None else None
-
-        def score(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return itm.score_pairs(model, text_tokens[t], text_mask[t], image_tokens[i])  # (n,)
-
-        ni, nt = len(ids), len(index)
-        self.chance = chance_recall(ni, nt)
-        head = f"{title} " if title else ""
-        if image_embeds is not None and self.k is not None:
-            sims = image_embeds @ text_embeds.T  # (Ni, Nt)
-            reranked = rerank_topk(sims, self.k, score, batch_size=self.batch_size)
-            scores = retrieval_scores(sims, index, reranked)
-            title = f"{head}({subset}{ni} images, {nt} texts; ITC top-{self.k} re-ranked by ITM)"
-            return scores, format_rerank_table(scores, self.chance, title=title, k=self.k)
-        sims = score_all_pairs(ni, nt, score, batch_size=self.batch_size, device=image_tokens.device)  # (Ni, Nt)
-        scores = recall_at_k(sims, index.cpu())
-        title = f"{head}({subset}{ni} images, {nt} texts; ITM over all {ni * nt} pairs)"
-        return scores, format_table(scores, self.chance, title=title)
+        return self.named(loss=loss, acc=acc)

@@ -185,65 +185,17 @@ def state_dict_of(ckpt: dict[str, Any], path: str | os.PathLike) -> dict[str, to
 
 
 # -- objectives by name ----------------------------------------------------------------------
-OBJECTIVES_KEY = "vlp_objectives"
+# Objectives live in an nn.ModuleDict keyed by their name, so their heads are saved as
+# ``objectives.<name>.*``: a recipe that lists them in another order, or drops some, still
+# finds each head by name, with nothing to re-index.
 
 
-def objective_names_of(ckpt: dict[str, Any]) -> list[str] | None:
-    """Names of the objectives a vlp checkpoint was trained with, in order: saved under
-    ``vlp_objectives``, else read from the recipe saved with it (``vlp_config``: each
-    objective's class ``name``). None for a plain state dict or an unreadable recipe."""
-    names = ckpt.get(OBJECTIVES_KEY)
-    if isinstance(names, list | tuple) and all(isinstance(n, str) for n in names):
-        return list(names)
-    config = ckpt.get("vlp_config")
-    if not isinstance(config, str):
-        return None
-    import importlib
-
-    import yaml
-
-    try:
-        entries = yaml.safe_load(config)["model"]["init_args"].get("objectives") or []
-        names = []
-        for entry in entries:
-            module, cls = entry["class_path"].rsplit(".", 1)
-            names.append(getattr(importlib.import_module(module), cls).name)
-        return names
-    except Exception:  # an older or foreign recipe: keys stay positional
-        return None
-
-
-def match_objectives(state: dict[str, torch.Tensor], saved: list[str], own: list[str]) -> dict[str, torch.Tensor]:
-    """Re-index ``objectives.<i>.*`` keys from the checkpoint's objective order ``saved`` to
-    the model's ``own``, by name, so that a recipe listing its objectives in another order
-    (or with some removed) still gets each head's weights. Heads the model lacks keep a key
-    that names them (``objectives[<name>].*``), reported as unused."""
-    index = {name: i for i, name in enumerate(own)}
-    out = {}
-    for key, t in state.items():
-        parts = key.split(".", 2)
-        if parts[0] == "objectives" and len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < len(saved):
-            name = saved[int(parts[1])]
-            key = f"objectives.{index[name]}.{parts[2]}" if name in index else f"objectives[{name}].{parts[2]}"
-        out[key] = t
-    return out
-
-
-def load_state_dict_by_objective(path: str | os.PathLike, objectives: list[str]) -> dict[str, torch.Tensor]:
-    """The state dict in ``path`` with its objective heads re-indexed by name to a model whose
-    objectives are named ``objectives`` (see :func:`match_objectives`); positional when the
-    checkpoint does not say which objectives it holds (a plain state dict)."""
-    ckpt = read_checkpoint(path)
-    state = state_dict_of(ckpt, path)
-    saved = objective_names_of(ckpt)
-    return state if saved is None else match_objectives(state, saved, objectives)
-
-
-def split_unused_heads(keys: list[str]) -> tuple[list[str], list[str]]:
-    """``keys`` left over by a load → (names of objectives whose heads the model lacks, the
-    other keys)."""
-    unused = sorted({k[len("objectives[") :].split("]", 1)[0] for k in keys if k.startswith("objectives[")})
-    return unused, [k for k in keys if not k.startswith("objectives[")]
+def split_unused_heads(keys: list[str], own: list[str]) -> tuple[list[str], list[str]]:
+    """``keys`` left over by a load → (names of objectives whose heads the model lacks: not
+    in ``own``, the model's objective names; the other keys)."""
+    names = {k.split(".", 2)[1] for k in keys if k.startswith("objectives.") and k.count(".") >= 2}
+    unused = sorted(n for n in names if n not in own)
+    return unused, [k for k in keys if not (k.startswith("objectives.") and k.split(".", 2)[1] in unused)]
 
 
 # -- fitting a state dict to a model of another resolution or queue size -------------------
