@@ -73,3 +73,12 @@ def test_resize_grows_the_lm_head(tied):
     assert (grown is lm.model.get_input_embeddings().weight) == tied
     logits = lm.logits(lm(torch.tensor([[0, 41]])).tokens)
     assert logits.shape == (1, 2, 42)
+
+
+def test_datamodule_vocab_size_counts_added_tokens():
+    from vlp.data import WebDataModule
+
+    tok = HFTokenizer(MINILM, special_tokens=MEDIA)
+    assert WebDataModule(tokenizer=tok).vocab_size == tok.vocab_size == 30524
+    with pytest.raises(ConfigError, match="tokenizer is not set"):
+        WebDataModule().vocab_size  # noqa: B018
