@@ -6,6 +6,7 @@ Batch keys (see docs/data.md):
 |---|---|---|
 | ``image`` | (B, 3, H, W) | pair, image, vqa, retrieval, nlvr2 (left image), ve |
 | ``image2`` | (B, 3, H, W) | nlvr2 (right image) |
+| ``image_<name>`` / ``image2_<name>`` | (B, 3, h, w) | a view declared in ``views`` (e.g. ``image_codebook``) |
 | ``image_id`` | (B,) int64 | pair, vqa, retrieval, nlvr2 (pair id), ve |
 | ``text_ids`` / ``text_mask`` | (T, L) | pair, text, vqa (question), retrieval (T = all captions), interleaved, nlvr2 (sentence), ve (hypothesis) |
 | ``text_image_id`` | (T,) | pair, retrieval: the image each text belongs to |
@@ -61,8 +62,8 @@ class Collator:
         m = self.modality
         skipped = list(skipped or [])
         batch: dict = {"modality": m, "keys": [e["key"] for e in examples]}
-        for key in IMAGE_KEYS:
-            if key in examples[0]:
+        for key, value in examples[0].items():  # image, image2 and their views (image_<name>)
+            if isinstance(value, torch.Tensor):
                 batch[key] = torch.stack([e[key] for e in examples])  # (B, 3, H, W)
         if m in ("pair", "vqa", "retrieval", "nlvr2", "ve"):
             batch["image_id"] = torch.tensor([e["image_id"] for e in examples], dtype=torch.long)

@@ -39,7 +39,7 @@ from vlp.data.masking import Masker
 from vlp.data.pipeline import SampleDecoder, skipped_count
 from vlp.data.stream import MIXING, ModalityGroup, ShardStream, SourceStream, StreamConfig, StreamLoader
 from vlp.data.tokenization import Tokenizer
-from vlp.data.transforms import ImageTransform
+from vlp.data.transforms import ImageTransform, MultiViewTransform, ViewSpec, parse_views
 from vlp.errors import ConfigError, DataError
 from vlp.objectives.distributed import gather_objects
 from vlp.utils.paths import resolve_path
@@ -62,6 +62,8 @@ class Source:
             ``[]`` turns masking off, e.g. MLM for text batches, MLM + patches for pairs.
         mix_weight: weight of this source's modality group among the groups under
             ``mixing: weights`` or ``sample`` (default 1).
+        views: extra views of each image, ``{name: {size, norm, crop_scale}}`` (default:
+            the module's ``views``); the batch gets ``image_<name>`` next to ``image``.
 
     Sources of one modality form one group (one batch stream): the group settings above
     given on several of its sources must agree.
@@ -74,10 +76,11 @@ class Source:
     batch_size: int | None = None
     maskers: list[Masker] | None = None
     mix_weight: float | None = None
+    views: dict[str, dict] | None = None
 
 
-#: Source settings that belong to its modality group, with the module attribute giving the default.
-GROUP_SETTINGS = ("batch_size", "maskers", "mix_weight")
+#: Source settings that belong to its modality group (None: the module's default).
+GROUP_SETTINGS = ("batch_size", "maskers", "mix_weight", "views")
 
 
 class WebDataModule(pl.LightningDataModule):
@@ -102,6 +105,10 @@ class WebDataModule(pl.LightningDataModule):
             the training sources' ``num_samples``).
         maskers: MLM / patch maskers applied in the collator (training and eval).
         norm / crop_scale / hflip: image transform settings (see ``ImageTransform``).
+        views: extra views of every image, ``{name: {size, norm, crop_scale}}``: the batch
+            gets ``image_<name>`` (B, 3, size, size) next to ``image``; without
+            ``crop_scale`` a view is the same crop as ``image`` at its own size and
+            normalisation (FLAVA's codebook view: ``{codebook: {size: 112, norm: unit}}``).
         normalize_on_device: workers hand over uint8 images and the normalisation runs
             after the batch reached the device (``on_after_batch_transfer``): 4x less
             worker time and copy volume. Batches read from the DataLoaders outside a
@@ -138,6 +145,7 @@ class WebDataModule(pl.LightningDataModule):
         norm: str = "clip",
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip: float = 0.0,
+        views: dict[str, dict] | None = None,
         normalize_on_device: bool = True,
         max_skip_fraction: float = 0.01,
         min_samples_for_skip_check: int = 1000,
@@ -160,6 +168,9 @@ class WebDataModule(pl.LightningDataModule):
         if mixing not in MIXING:
             raise ConfigError(f"data.init_args.mixing must be one of {', '.join(MIXING)}, got {mixing!r}")
         self.mixing = mixing
+        self.views = parse_views(views, "data.init_args.views")
+        self._view_specs: dict[str, tuple] = {}  # view name → (spec, where): one spec per name
+        self._view_normalizers: dict[str, ImageTransform] = {}
         self.sources = {"train": train or [], "val": val or [], "test": test or [], "predict": predict or []}
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -196,7 +207,6 @@ class WebDataModule(pl.LightningDataModule):
 
     # -- building streams -------------------------------------------------------------------
     def _load_sources(self, stage: str, train: bool) -> list[ModalityGroup]:
-        transform = self.image_transform(train)
         groups: dict[str, ModalityGroup] = {}
         settings_of: dict[str, dict] = {}  # group → setting → (value, where it was given)
         for i, src in enumerate(self.sources[stage]):
@@ -208,7 +218,7 @@ class WebDataModule(pl.LightningDataModule):
             name = f"{manifest.name}/{src.split}"
             if self.check_shards:
                 check_local_shards(urls, f"{where} ({name})")
-            decoder = SampleDecoder(modality, manifest.fields, transform)
+            decoder = SampleDecoder(modality, manifest.fields, None)  # its group's transform: below
             sizes, exact = expected_shard_sizes(split, urls)
             stream = SourceStream(name, urls, src.weight, decoder, shard_sizes=sizes, exact_sizes=exact)
             key = modality if train else f"{modality}#{i}"  # evaluation: one loader per source
@@ -224,10 +234,26 @@ class WebDataModule(pl.LightningDataModule):
             group.collate = Collator(group.modality, self.tokenizer, maskers)
             group.batch_size = given["batch_size"]
             group.weight = 1.0 if given["mix_weight"] is None else given["mix_weight"]
+            views = self.views if given["views"] is None else given["views"]
+            self._register_views(views, group, settings_of[key]["views"][1] or "data.init_args.views")
+            transform = self.image_transform(train, views)
+            for stream in group.sources:
+                stream.decoder.transform = transform
         return list(groups.values())
 
-    def image_transform(self, train: bool) -> ImageTransform:
-        return ImageTransform(
+    def _register_views(self, views: dict, group: ModalityGroup, where: str) -> None:
+        if views and group.modality == "interleaved":
+            raise ConfigError(f"{where}.views: extra image views are not supported for interleaved documents")
+        for name, spec in views.items():
+            seen = self._view_specs.setdefault(name, (spec, where))
+            if seen[0] != spec:  # finish_batch normalises image_<name> one way
+                raise ConfigError(
+                    f"{where}.views.{name} is {spec} but {seen[1]}.views.{name} is {seen[0]}: one name, one view"
+                )
+
+    def image_transform(self, train: bool, views: dict[str, ViewSpec] | None = None):
+        """The ``ImageTransform`` of ``image``, or with ``views`` a ``MultiViewTransform``."""
+        main = ImageTransform(
             self.image_size,
             train=train,
             crop_scale=self.crop_scale,
@@ -235,6 +261,7 @@ class WebDataModule(pl.LightningDataModule):
             norm=self.norm,
             normalize=not self.normalize_on_device,
         )
+        return MultiViewTransform(main, views) if views else main
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
@@ -344,6 +371,12 @@ class WebDataModule(pl.LightningDataModule):
         for key in IMAGE_KEYS:
             if key in batch:
                 batch[key] = transform.normalize_batch(batch[key])
+        for name, (spec, _) in self._view_specs.items():
+            for key in (f"image_{name}", f"image2_{name}"):
+                if key in batch:
+                    if name not in self._view_normalizers:
+                        self._view_normalizers[name] = ImageTransform(spec.size, norm=spec.norm)
+                    batch[key] = self._view_normalizers[name].normalize_batch(batch[key])
         if "images" in batch and not batch["images"].is_floating_point():
             images = transform.normalize_batch(batch["images"])  # (B, N, 3, H, W)
             slots = torch.arange(images.shape[1], device=images.device)  # (N,)
@@ -559,6 +592,7 @@ def _group_settings(src: Source, where: str, name: str, before: dict | None) -> 
     """The group settings ``src`` gives (None = not given), checked, merged with those other
     sources of its group gave (``before``: setting → (value, where)); a conflict is a ConfigError."""
     bs, weight, maskers = src.batch_size, src.mix_weight, src.maskers
+    views = None if src.views is None else parse_views(src.views, f"{where}.views")
     if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
         raise ConfigError(f"{where}.batch_size ({name}) must be an integer >= 1 or null, got {bs!r}")
     if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0):
@@ -566,14 +600,14 @@ def _group_settings(src: Source, where: str, name: str, before: dict | None) -> 
     if maskers is not None and (not isinstance(maskers, list | tuple) or not all(callable(m) for m in maskers)):
         raise ConfigError(f"{where}.maskers ({name}) must be a list of maskers (class_path: ...), got {maskers!r}")
     merged = dict(before or dict.fromkeys(GROUP_SETTINGS, (None, None)))
-    for key, value in (("batch_size", bs), ("maskers", maskers), ("mix_weight", weight)):
+    for key, value in (("batch_size", bs), ("maskers", maskers), ("mix_weight", weight), ("views", views)):
         if value is None:
             continue
         old, old_where = merged[key]
         if old is not None and _comparable(old) != _comparable(value):
             raise ConfigError(
                 f"{where}.{key} ({name}) is {value!r} but {old_where}.{key} is {old!r}: sources of one "
-                "modality share one batch stream, so its batch_size, maskers and mix_weight must agree"
+                "modality share one batch stream, so its batch_size, maskers, mix_weight and views must agree"
             )
         merged[key] = (list(value) if key == "maskers" else value, f"{where}")
     return merged

@@ -21,7 +21,7 @@ import torch
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from vlp.data.transforms import ImageDecodeError, decode_image
+from vlp.data.transforms import ImageDecodeError, decode_image, split_views
 
 IMAGE_MARK = "<image>"
 #: Label names by index: NLVR2 (false/true) and SNLI-VE (the order SNLI lists them in;
@@ -169,7 +169,7 @@ class SampleDecoder:
             return sample
         key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         try:
-            return self._decode(sample, key)
+            return split_views(self._decode(sample, key))  # several views: image, image_<name>
         except _Skip as s:
             return Skipped(key, str(s))
 
