@@ -282,6 +282,11 @@ class SampleDecoder:
         n = text.count(IMAGE_MARK)
         if n == 0:
             raise _Skip(f"interleaved text has no {IMAGE_MARK} mark")
+        found = len(
+            {k.split(".")[0] for k in sample if re.fullmatch(r"\d+\.[^.]+", k) and k.split(".")[1] in self.image_exts}
+        )
+        if found != n:  # counted like any bad sample; past max_skip_fraction the run stops
+            raise _Skip(f"{n} {IMAGE_MARK} mark(s) but {found} image(s) in the interleaved document")
         images = [self._image(sample, [f"{i}.{ext}" for ext in self.image_exts]) for i in range(n)]
         return {"text": text, "images": images, "key": key}
 
