@@ -144,13 +144,54 @@ def test_recipe_keys_parse(tmp_path):
         """
 data:
   mixing: sample
+  views: {codebook: {size: 112, norm: unit}}
   train:
     - {manifest: pairs.yaml, batch_size: 8, mix_weight: 2,
        maskers: [{class_path: vlp.data.MLMMasker, init_args: {mlm_probability: 0.3}}]}
-    - {manifest: images.yaml, maskers: []}
+    - {manifest: images.yaml, maskers: [], views: {codebook: {size: 112, norm: [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]}}}
 """
     )
     dm = parser.instantiate(cfg).data
     first, second = dm.sources["train"]
     assert dm.mixing == "sample" and first.batch_size == 8 and first.mix_weight == 2
     assert first.maskers[0].mlm_probability == 0.3 and second.maskers == [] and second.batch_size is None
+    assert dm.views["codebook"].size == 112 and dm.views["codebook"].norm == "unit"
+    assert second.views == {"codebook": {"size": 112, "norm": [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]}}
+
+
+def test_an_evaluation_source_may_set_its_batch_size(tmp_path, tokenizer):
+    path = _manifest(tmp_path, "pair")
+    dm = WebDataModule(tokenizer=tokenizer, image_size=IMG, batch_size=2, num_workers=0)
+    dm.sources["test"] = [Source(path, split="train", batch_size=5), Source(path, split="train")]
+    dm.setup("test")
+    first, second = dm.test_dataloader()
+    assert [len(b["keys"]) for b in first] == [5, 5, 2]
+    assert [len(b["keys"]) for b in second] == [2] * 6  # eval_batch_size: the module's batch_size
+
+
+def test_a_resumed_sample_stream_continues_and_other_mixing_warns(tmp_path, tokenizer, caplog):
+    train = [Source(_manifest(tmp_path, "pair"), mix_weight=2.0), Source(_manifest(tmp_path, "text"))]
+
+    def loader(mixing="sample"):
+        dm = _dm(tokenizer, train=train, mixing=mixing, epoch_length=24, seed=3)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    whole = [(b["modality"], b["keys"]) for b in loader()]
+    first = loader()
+    it = iter(first)
+    seen = [next(it) for _ in range(5)]
+    state = first.state_dict()
+    del it
+    assert state["mixing"] == "sample" and state["groups"] == [["pair", 2, 2.0], ["text", 2, 1.0]]
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert [(b["modality"], b["keys"]) for b in seen + list(resumed)] == whole
+    old = {k: v for k, v in state.items() if k not in ("mixing", "groups")}  # a checkpoint of an older version
+    resumed = loader()
+    resumed.load_state_dict(old)
+    assert [(b["modality"], b["keys"]) for b in seen + list(resumed)] == whole
+    other = loader("weights")
+    with caplog.at_level("WARNING", logger="vlp.data"):
+        other.load_state_dict(state)
+    assert "mixing sample -> weights" in caplog.text

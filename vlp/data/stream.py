@@ -294,7 +294,9 @@ def set_global_rng_state(state: dict) -> None:
 
 
 #: settings that decide which batches a training stream yields, in the order of a warning
-STREAM_SETTINGS = ("num_workers", "world_size", "batch_size", "num_batches", "seed")
+STREAM_SETTINGS = ("num_workers", "world_size", "batch_size", "num_batches", "seed", "mixing", "groups")
+#: settings older checkpoints lack: compared only when the checkpoint has them
+NEWER_SETTINGS = ("mixing", "groups")
 
 
 class StreamLoader(DataLoader):
@@ -340,6 +342,9 @@ class StreamLoader(DataLoader):
             "batch_size": c.batch_size,
             "num_batches": c.num_batches,
             "seed": c.seed,
+            "mixing": c.mixing,
+            # per group: modality, batch size and mixing weight
+            "groups": [[g.modality, g.batch_size or c.batch_size, g.weight] for g in c.groups],
         }
 
     def state_dict(self) -> dict:
@@ -356,7 +361,11 @@ class StreamLoader(DataLoader):
         if rngs:
             set_global_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         own = self.settings()
-        changed = [f"{k} {state.get(k)} -> {own[k]}" for k in STREAM_SETTINGS if state.get(k) != own[k]]
+        changed = [
+            f"{k} {state.get(k)} -> {own[k]}"
+            for k in STREAM_SETTINGS
+            if state.get(k) != own[k] and (k in state or k not in NEWER_SETTINGS)
+        ]
         if changed and state.get("batches"):
             log.warning(
                 "resuming with other data settings than the checkpoint's (%s): the stream cannot continue "
