@@ -105,3 +105,21 @@ def test_bad_views_are_config_errors_naming_the_view(tmp_path, tokenizer):
     )
     with pytest.raises(ConfigError, match=r"data.test\[1\].views.c is .* but data.test\[0\].views.c is"):
         dm.setup("test")
+
+
+def test_module_views_leave_interleaved_documents_alone_and_a_source_cannot_ask(tmp_path, tokenizer):
+    from helpers import jpeg_bytes
+
+    doc = {"__key__": "d0", "json": {"text": "<image> a picture"}, "0.jpg": jpeg_bytes()}
+    url = write_tar(tmp_path / "docs.tar", [doc])
+    Manifest(name="docs", modality="interleaved", splits={"test": Split(urls=url, num_samples=1)}).save(
+        tmp_path / "docs.yaml"
+    )
+    docs = str(tmp_path / "docs.yaml")
+    tok = type(tokenizer)(tokenizer.name_or_path, special_tokens=["<image>", "<|endofchunk|>"])
+    dm = _dm(tok, test=[Source(docs, split="test")], views={"codebook": {"size": 16}})
+    dm.setup("test")
+    assert next(iter(dm.test_dataloader()))["images"].shape == (1, 1, 3, IMG, IMG)
+    dm = _dm(tok, test=[Source(docs, split="test", views={"codebook": {"size": 16}})])
+    with pytest.raises(ConfigError, match=r"data.test\[0\].views: extra image views are not supported"):
+        dm.setup("test")

@@ -234,7 +234,9 @@ class WebDataModule(pl.LightningDataModule):
             group.collate = Collator(group.modality, self.tokenizer, maskers)
             group.batch_size = given["batch_size"]
             group.weight = 1.0 if given["mix_weight"] is None else given["mix_weight"]
-            views = self.views if given["views"] is None else given["views"]
+            views = given["views"]
+            if views is None:  # the module's views: for every group of single images
+                views = {} if group.modality in ("interleaved", "text") else self.views
             self._register_views(views, group, settings_of[key]["views"][1] or "data.init_args.views")
             transform = self.image_transform(train, views)
             for stream in group.sources:
