@@ -144,3 +144,20 @@ def test_shards_round_trip_and_mismatched_documents_are_counted_skips(tmp_path):
     assert not (batch["lm_labels"] == media_id).any()
     batch = dm.finish_batch(batch)
     assert batch["images"].dtype == torch.float32 and batch["images"][0, 1].abs().sum() == 0
+
+
+def test_a_causal_lm_tokenizer_without_padding_token_pads_with_eos(tmp_path):
+    """GPT-2-style: no pad token, no tokens added around the text; labels computed by hand."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Backend(models.WordLevel({"<unk>": 0, "</s>": 1, "a": 2, "red": 3, "circle": 4}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>").save_pretrained(tmp_path)
+    tok = HFTokenizer(str(tmp_path), special_tokens=["<image>", "<|endofchunk|>"])
+    assert tok.pad_token_id == 1 and tok.vocab_size == 7  # <image> 5, <|endofchunk|> 6
+    b = interleaved_batch(["<image> a red circle", "a <image> red"], [[_img(1)], [_img(2)]], ["d0", "d1"], tok)
+    assert b["text_ids"].tolist() == [[5, 2, 3, 4, 6], [2, 5, 3, 6, 1]]
+    assert b["text_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert b["lm_labels"].tolist() == [[2, 3, 4, 6, I], [I, 3, 6, I, I]]

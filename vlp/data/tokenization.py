@@ -72,7 +72,8 @@ class Tokenizer:
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face tokenizer.
+    """A Hugging Face tokenizer. One without a padding token (GPT-2, Llama) pads with its
+    end-of-text token; ``attention_mask`` tells the padding apart.
 
     Args:
         name_or_path: hub name (``bert-base-uncased``) or local folder; a local folder
@@ -115,6 +116,8 @@ class HFTokenizer(Tokenizer):
             except (OSError, ValueError) as e:
                 where = "local folder" if local else "hub name (offline? set a local path)"
                 raise ConfigError(f"cannot load tokenizer {self.name_or_path!r} as a {where}: {e}") from None
+            if self._tok.pad_token is None and self._tok.eos_token is not None:
+                self._tok.pad_token = self._tok.eos_token  # causal LMs (GPT-2, Llama) have none
             self._add_to_backend()
         return self._tok
 
