@@ -63,6 +63,8 @@ def _build_cli_class():
             if not self.weights:
                 return
             # a recipe given with --config may list other objectives: heads load by name
+            if self.datamodule is not None:  # the model meets the data first (embeddings grown for special tokens)
+                self.model.check_data(self.datamodule)
             state = load_state_dict(self.weights)  # heads are keyed by objective name
             wrong = shape_mismatches(state, self.model)
             if wrong:

@@ -6,9 +6,9 @@ import logging
 
 import pytest
 import torch
-from helpers import jpeg_bytes, write_tar
+from helpers import MINILM, jpeg_bytes, write_tar
 
-from vlp.data import Manifest, Source, Split, WebDataModule
+from vlp.data import HFTokenizer, Manifest, Source, Split, WebDataModule
 from vlp.errors import ConfigError, DataError
 
 IMG = 32
@@ -86,13 +86,15 @@ EXPECTED = {
     "text": {"text_ids": 4},
     "vqa": {"image": (4, 3, IMG, IMG), "text_ids": 4, "image_id": (4,)},
     "retrieval": {"image": (4, 3, IMG, IMG), "text_ids": 12, "text_image_id": (12,)},
-    "interleaved": {"images": 4, "num_images": (4,), "text_ids": 4},
+    "interleaved": {"images": 4, "num_images": (4,), "text_ids": 4, "images_mask": 4, "media_mask": 4, "lm_labels": 4},
 }
 
 
 @pytest.mark.parametrize("modality", list(EXPECTED))
 def test_round_trip_every_modality(tmp_path, tokenizer, modality):
     path = _manifest(tmp_path, modality)
+    if modality == "interleaved":  # <image> is the media token: one id
+        tokenizer = HFTokenizer(MINILM, max_length=32, special_tokens=["<image>", "<|endofchunk|>"])
     dm = _dm(tokenizer, test=[Source(path, split="test")])
     dm.setup("test")
     batches = list(dm.test_dataloader())
@@ -118,6 +120,8 @@ def test_round_trip_every_modality(tmp_path, tokenizer, modality):
         for i, k in enumerate(n.tolist()):  # zero padding after each document's images
             assert batch["images"][i, k:].abs().sum() == 0
             assert batch["images"][i, :k].abs().sum() > 0
+        assert torch.equal(batch["images_mask"].sum(1), n)
+        assert torch.equal(batch["media_mask"].sum(1), n)
 
 
 def test_normalising_on_the_device_equals_normalising_in_the_worker(tmp_path, tokenizer):

@@ -154,3 +154,32 @@ def test_init_from_without_momentum_keys_syncs_the_momentum_copies(tmp_path):
         for (name, a), b in zip(online.named_parameters(), twin.parameters(), strict=True):
             torch.testing.assert_close(b, a, msg=name)
     torch.testing.assert_close(model.fusion.blocks[0].attn.qkv.weight, source.fusion.blocks[0].attn.qkv.weight)
+
+
+def test_special_tokens_grow_the_text_towers_embedding_when_the_model_meets_the_data():
+    """The tokenizer's size is the one value data and model share: <image> and <|endofchunk|>
+    added to the MiniLM tokenizer give a text tower of MiniLM's vocabulary two rows (old rows
+    kept, new ones at their mean) and the new ids embed; a tokenizer larger than the tower by
+    more than its added tokens is still refused."""
+    from types import SimpleNamespace
+
+    from helpers import MINILM, tiny_bert
+
+    from vlp.data import HFTokenizer
+    from vlp.models import CLIP
+
+    tok = HFTokenizer(MINILM, max_length=16, special_tokens=["<image>", "<|endofchunk|>"])
+    rows = tok.vocab_size - 2  # the tokenizer's own vocabulary
+    model = CLIP(tiny_clip().image_encoder, tiny_bert(rows, 32), [ITC()], embed_dim=16)
+    before = model.text_encoder.model.get_input_embeddings().weight.detach().clone()
+    model.check_data(SimpleNamespace(tokenizer=tok, image_size=None))
+    weight = model.text_encoder.model.get_input_embeddings().weight
+    assert weight.shape[0] == tok.vocab_size == rows + 2
+    torch.testing.assert_close(weight[:rows], before)
+    torch.testing.assert_close(weight[rows:], before.mean(0).expand(2, -1))
+    ids = tok(["a photo <image> of <|endofchunk|>"])["input_ids"]
+    assert ids.max() >= rows
+    model.text_encoder(ids, torch.ones_like(ids))
+    small = CLIP(tiny_clip().image_encoder, tiny_bert(rows - 10, 32), [ITC()], embed_dim=16)
+    with pytest.raises(ConfigError, match=f"data.tokenizer has {rows + 2} tokens"):
+        small.check_data(SimpleNamespace(tokenizer=tok, image_size=None))

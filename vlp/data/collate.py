@@ -6,13 +6,15 @@ Batch keys (see docs/data.md):
 |---|---|---|
 | ``image`` | (B, 3, H, W) | pair, image, vqa, retrieval, nlvr2 (left image), ve |
 | ``image2`` | (B, 3, H, W) | nlvr2 (right image) |
+| ``image_<name>`` / ``image2_<name>`` | (B, 3, h, w) | a view declared in ``views`` (e.g. ``image_codebook``) |
 | ``image_id`` | (B,) int64 | pair, vqa, retrieval, nlvr2 (pair id), ve |
 | ``text_ids`` / ``text_mask`` | (T, L) | pair, text, vqa (question), retrieval (T = all captions), interleaved, nlvr2 (sentence), ve (hypothesis) |
 | ``text_image_id`` | (T,) | pair, retrieval: the image each text belongs to |
 | ``label`` | (B,) int64 | image (class), nlvr2 (0 false, 1 true), ve (0 entailment, 1 neutral, 2 contradiction) |
 | ``answers`` / ``question_type`` | lists | vqa |
 | ``task_type`` | list[str] | nlvr2: the sentence template ("" when unknown) |
-| ``images`` / ``num_images`` | (B, N, 3, H, W) / (B,) | interleaved (zero-padded) |
+| ``images`` / ``images_mask`` / ``num_images`` | (B, M, 3, H, W) / (B, M) bool / (B,) | interleaved (zero-padded) |
+| ``media_mask`` / ``lm_labels`` | (B, L) bool / (B, L) | interleaved: ``<image>`` positions, shifted next-token targets (-100 = none) |
 
 Image tensors are uint8 when the DataModule normalises on the device
 (``WebDataModule.finish_batch`` normalises every key of ``IMAGE_KEYS``).
@@ -29,6 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import get_worker_info
 
+from vlp.data.interleaved import interleaved_batch
 from vlp.data.pipeline import Skipped, skipped_count
 from vlp.data.tokenization import Tokenizer
 from vlp.errors import DataError
@@ -61,12 +64,12 @@ class Collator:
         m = self.modality
         skipped = list(skipped or [])
         batch: dict = {"modality": m, "keys": [e["key"] for e in examples]}
-        for key in IMAGE_KEYS:
-            if key in examples[0]:
+        for key, value in examples[0].items():  # image, image2 and their views (image_<name>)
+            if isinstance(value, torch.Tensor):
                 batch[key] = torch.stack([e[key] for e in examples])  # (B, 3, H, W)
         if m in ("pair", "vqa", "retrieval", "nlvr2", "ve"):
             batch["image_id"] = torch.tensor([e["image_id"] for e in examples], dtype=torch.long)
-        if m in ("pair", "text", "vqa", "interleaved", "nlvr2", "ve"):
+        if m in ("pair", "text", "vqa", "nlvr2", "ve"):
             self._tokenize(batch, [e["text"] for e in examples])
         if m in ("image", "nlvr2", "ve"):
             batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
@@ -84,14 +87,11 @@ class Collator:
         elif m == "vqa":
             batch["answers"] = [e["answers"] for e in examples]
             batch["question_type"] = [e["question_type"] for e in examples]
-        elif m == "interleaved":
-            n = max(len(e["images"]) for e in examples)
-            first = examples[0]["images"][0]
-            images = first.new_zeros(len(examples), n, *first.shape)  # (B, N, 3, H, W)
-            for i, e in enumerate(examples):
-                images[i, : len(e["images"])] = torch.stack(e["images"])
-            batch["images"] = images
-            batch["num_images"] = torch.tensor([len(e["images"]) for e in examples])
+        elif m == "interleaved":  # images, images_mask, media_mask, lm_labels (vlp.data.interleaved)
+            if self.tokenizer is None:
+                raise ValueError("a tokenizer is needed to collate interleaved batches")
+            texts, images = [e["text"] for e in examples], [e["images"] for e in examples]
+            batch.update(interleaved_batch(texts, images, batch["keys"], self.tokenizer))
         for masker in self.maskers:
             batch = masker(batch, self.tokenizer)
         batch["skipped"] = skipped

@@ -37,9 +37,9 @@ from vlp.data.collate import IMAGE_KEYS, Collator
 from vlp.data.manifest import check_local_shards, expand_urls, load_manifest
 from vlp.data.masking import Masker
 from vlp.data.pipeline import SampleDecoder, skipped_count
-from vlp.data.stream import ModalityGroup, ShardStream, SourceStream, StreamConfig, StreamLoader, eval_share
+from vlp.data.stream import MIXING, ModalityGroup, ShardStream, SourceStream, StreamConfig, StreamLoader, eval_share
 from vlp.data.tokenization import Tokenizer
-from vlp.data.transforms import ImageTransform
+from vlp.data.transforms import ImageTransform, MultiViewTransform, ViewSpec, parse_views
 from vlp.errors import ConfigError, DataError
 from vlp.utils.distributed import gather_objects
 from vlp.utils.paths import resolve_path
@@ -56,12 +56,31 @@ class Source:
         split: which of the manifest's splits.
         weight: sampling weight among sources of the same modality (training).
         urls: override the manifest's urls (e.g. a local mirror).
+        batch_size: batch size of this source's modality group (default: the module's
+            ``batch_size``, or ``eval_batch_size`` for evaluation).
+        maskers: maskers of this source's batches (default: the module's ``maskers``);
+            ``[]`` turns masking off, e.g. MLM for text batches, MLM + patches for pairs.
+        mix_weight: weight of this source's modality group among the groups under
+            ``mixing: weights`` or ``sample`` (default 1).
+        views: extra views of each image, ``{name: {size, norm, crop_scale}}`` (default:
+            the module's ``views``); the batch gets ``image_<name>`` next to ``image``.
+
+    Sources of one modality form one group (one batch stream): the group settings above
+    given on several of its sources must agree.
     """
 
     manifest: str
     split: str = "train"
     weight: float = 1.0
     urls: str | None = None
+    batch_size: int | None = None
+    maskers: list[Masker] | None = None
+    mix_weight: float | None = None
+    views: dict[str, dict] | None = None
+
+
+#: Source settings that belong to its modality group (None: the module's default).
+GROUP_SETTINGS = ("batch_size", "maskers", "mix_weight", "views")
 
 
 class WebDataModule(pl.LightningDataModule):
@@ -69,8 +88,12 @@ class WebDataModule(pl.LightningDataModule):
 
     Args:
         train / val / test / predict: lists of sources per stage. Training mixes them
-            (sample-level by weight within a modality, batch-level round robin across
-            modalities); each evaluation source gets its own DataLoader.
+            (sample-level by weight within a modality, batch-level across modalities by
+            ``mixing``); each evaluation source gets its own DataLoader.
+        mixing: how training batches of several modality groups follow each other:
+            ``round_robin`` (one batch of each in turn), ``weights`` (a fixed interleave in
+            proportion to the groups' ``mix_weight``) or ``sample`` (a draw per step with
+            those weights, seeded by (seed, epoch, step): the same modality on every rank).
         tokenizer: tokenises every text field (captions, questions, documents).
         image_size: side of the square model input.
         batch_size: per-device training batch size; ``eval_batch_size`` for evaluation.
@@ -82,6 +105,10 @@ class WebDataModule(pl.LightningDataModule):
             the training sources' ``num_samples``).
         maskers: MLM / patch maskers applied in the collator (training and eval).
         norm / crop_scale / hflip: image transform settings (see ``ImageTransform``).
+        views: extra views of every image, ``{name: {size, norm, crop_scale}}``: the batch
+            gets ``image_<name>`` (B, 3, size, size) next to ``image``; without
+            ``crop_scale`` a view is the same crop as ``image`` at its own size and
+            normalisation (FLAVA's codebook view: ``{codebook: {size: 112, norm: unit}}``).
         normalize_on_device: workers hand over uint8 images and the normalisation runs
             after the batch reached the device (``on_after_batch_transfer``): 4x less
             worker time and copy volume. Batches read from the DataLoaders outside a
@@ -114,9 +141,11 @@ class WebDataModule(pl.LightningDataModule):
         resampled: bool = False,
         epoch_length: int | None = None,
         maskers: list[Masker] | None = None,
+        mixing: str = "round_robin",
         norm: str = "clip",
         crop_scale: tuple[float, float] = (0.5, 1.0),
         hflip: float = 0.0,
+        views: dict[str, dict] | None = None,
         normalize_on_device: bool = True,
         max_skip_fraction: float = 0.01,
         min_samples_for_skip_check: int = 1000,
@@ -136,6 +165,12 @@ class WebDataModule(pl.LightningDataModule):
             max_skip_fraction=max_skip_fraction,
             max_bad_shard_fraction=max_bad_shard_fraction,
         )
+        if mixing not in MIXING:
+            raise ConfigError(f"data.init_args.mixing must be one of {', '.join(MIXING)}, got {mixing!r}")
+        self.mixing = mixing
+        self.views = parse_views(views, "data.init_args.views")
+        self._view_specs: dict[str, tuple] = {}  # view name → (spec, where): one spec per name
+        self._view_normalizers: dict[str, ImageTransform] = {}
         self.sources = {"train": train or [], "val": val or [], "test": test or [], "predict": predict or []}
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -162,10 +197,18 @@ class WebDataModule(pl.LightningDataModule):
         self._ended: dict[str, Counter] = defaultdict(Counter)  # stage → loader → worker streams ended
         self._loaders_done: dict[str, set[int]] = defaultdict(set)  # stage → exhausted loaders
 
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary, added special tokens included: what a recipe links to
+        the text model's embedding size (LightningCLI ``link_arguments``)."""
+        if self.tokenizer is None:
+            raise ConfigError("data.init_args.tokenizer is not set, so there is no vocab_size to link")
+        return self.tokenizer.vocab_size
+
     # -- building streams -------------------------------------------------------------------
     def _load_sources(self, stage: str, train: bool) -> list[ModalityGroup]:
-        transform = self.image_transform(train)
         groups: dict[str, ModalityGroup] = {}
+        settings_of: dict[str, dict] = {}  # group → setting → (value, where it was given)
         for i, src in enumerate(self.sources[stage]):
             where = f"data.{stage}[{i}]"
             manifest = load_manifest(resolve_path(src.manifest))
@@ -175,18 +218,44 @@ class WebDataModule(pl.LightningDataModule):
             name = f"{manifest.name}/{src.split}"
             if self.check_shards:
                 check_local_shards(urls, f"{where} ({name})")
-            decoder = SampleDecoder(modality, manifest.fields, transform)
+            decoder = SampleDecoder(modality, manifest.fields, None)  # its group's transform: below
             sizes, exact = expected_shard_sizes(split, urls)
             stream = SourceStream(name, urls, src.weight, decoder, shard_sizes=sizes, exact_sizes=exact)
             key = modality if train else f"{modality}#{i}"  # evaluation: one loader per source
+            settings = _group_settings(src, where, name, settings_of.get(key))
+            settings_of[key] = settings
             if key not in groups:
-                groups[key] = ModalityGroup(modality, [], Collator(modality, self.tokenizer, self.maskers))
+                groups[key] = ModalityGroup(modality, [], None)
             groups[key].sources.append(stream)
             groups[key].num_samples += split.num_samples
+        for key, group in groups.items():
+            given = {k: v for k, (v, _) in settings_of[key].items()}
+            maskers = self.maskers if given["maskers"] is None else given["maskers"]
+            group.collate = Collator(group.modality, self.tokenizer, maskers)
+            group.batch_size = given["batch_size"]
+            group.weight = 1.0 if given["mix_weight"] is None else given["mix_weight"]
+            views = given["views"]
+            if views is None:  # the module's views: for every group of single images
+                views = {} if group.modality in ("interleaved", "text") else self.views
+            self._register_views(views, group, settings_of[key]["views"][1] or "data.init_args.views")
+            transform = self.image_transform(train, views)
+            for stream in group.sources:
+                stream.decoder.transform = transform
         return list(groups.values())
 
-    def image_transform(self, train: bool) -> ImageTransform:
-        return ImageTransform(
+    def _register_views(self, views: dict, group: ModalityGroup, where: str) -> None:
+        if views and group.modality == "interleaved":
+            raise ConfigError(f"{where}.views: extra image views are not supported for interleaved documents")
+        for name, spec in views.items():
+            seen = self._view_specs.setdefault(name, (spec, where))
+            if seen[0] != spec:  # finish_batch normalises image_<name> one way
+                raise ConfigError(
+                    f"{where}.views.{name} is {spec} but {seen[1]}.views.{name} is {seen[0]}: one name, one view"
+                )
+
+    def image_transform(self, train: bool, views: dict[str, ViewSpec] | None = None):
+        """The ``ImageTransform`` of ``image``, or with ``views`` a ``MultiViewTransform``."""
+        main = ImageTransform(
             self.image_size,
             train=train,
             crop_scale=self.crop_scale,
@@ -194,6 +263,7 @@ class WebDataModule(pl.LightningDataModule):
             norm=self.norm,
             normalize=not self.normalize_on_device,
         )
+        return MultiViewTransform(main, views) if views else main
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
@@ -210,9 +280,17 @@ class WebDataModule(pl.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def num_train_batches(self) -> int:
+        """Training steps per rank and epoch: the epoch's samples over the samples a step
+        takes on average (each group's batch size by its share of the steps)."""
         rank, world = self._rank()
-        total = self.epoch_length or sum(g.num_samples for g in self.groups["train"])
-        return max(1, total // (self.batch_size * world))
+        groups = self.groups["train"]
+        total = self.epoch_length or sum(g.num_samples for g in groups)
+        sizes = [g.batch_size or self.batch_size for g in groups]
+        if len(set(sizes)) <= 1:
+            return max(1, total // (self.batch_size if not sizes else sizes[0]) // world)
+        shares = [1.0] * len(groups) if self.mixing == "round_robin" else [g.weight for g in groups]
+        per_step = sum(b * w for b, w in zip(sizes, shares, strict=True)) / sum(shares)
+        return max(1, int(total // (per_step * world)))
 
     def _loader(self, stage: str, groups: list[ModalityGroup]) -> DataLoader:
         rank, world = self._rank()
@@ -227,6 +305,7 @@ class WebDataModule(pl.LightningDataModule):
             world_size=world,
             seed=self._stream_seed(),
             groups=groups,
+            mixing=self.mixing,
         )
         workers = self.num_workers
         if not train:  # no idle workers for small eval sets (split by sample past one shard per worker)
@@ -301,6 +380,12 @@ class WebDataModule(pl.LightningDataModule):
         for key in IMAGE_KEYS:
             if key in batch:
                 batch[key] = transform.normalize_batch(batch[key])
+        for name, (spec, _) in self._view_specs.items():
+            for key in (f"image_{name}", f"image2_{name}"):
+                if key in batch:
+                    if name not in self._view_normalizers:
+                        self._view_normalizers[name] = ImageTransform(spec.size, norm=spec.norm)
+                    batch[key] = self._view_normalizers[name].normalize_batch(batch[key])
         if "images" in batch and not batch["images"].is_floating_point():
             images = transform.normalize_batch(batch["images"])  # (B, N, 3, H, W)
             slots = torch.arange(images.shape[1], device=images.device)  # (N,)
@@ -510,6 +595,38 @@ def expected_shard_sizes(split, urls: list[str]) -> tuple[dict[str, int], bool]:
         return dict(zip(urls, sizes, strict=True)), True
     each = math.ceil(split.num_samples / len(urls)) if urls else 0
     return dict.fromkeys(urls, each), False
+
+
+def _group_settings(src: Source, where: str, name: str, before: dict | None) -> dict:
+    """The group settings ``src`` gives (None = not given), checked, merged with those other
+    sources of its group gave (``before``: setting → (value, where)); a conflict is a ConfigError."""
+    bs, weight, maskers = src.batch_size, src.mix_weight, src.maskers
+    views = None if src.views is None else parse_views(src.views, f"{where}.views")
+    if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
+        raise ConfigError(f"{where}.batch_size ({name}) must be an integer >= 1 or null, got {bs!r}")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0):
+        raise ConfigError(f"{where}.mix_weight ({name}) must be a number > 0 or null, got {weight!r}")
+    if maskers is not None and (not isinstance(maskers, list | tuple) or not all(callable(m) for m in maskers)):
+        raise ConfigError(f"{where}.maskers ({name}) must be a list of maskers (class_path: ...), got {maskers!r}")
+    merged = dict(before or dict.fromkeys(GROUP_SETTINGS, (None, None)))
+    for key, value in (("batch_size", bs), ("maskers", maskers), ("mix_weight", weight), ("views", views)):
+        if value is None:
+            continue
+        old, old_where = merged[key]
+        if old is not None and _comparable(old) != _comparable(value):
+            raise ConfigError(
+                f"{where}.{key} ({name}) is {value!r} but {old_where}.{key} is {old!r}: sources of one "
+                "modality share one batch stream, so its batch_size, maskers, mix_weight and views must agree"
+            )
+        merged[key] = (list(value) if key == "maskers" else value, f"{where}")
+    return merged
+
+
+def _comparable(value):
+    """Maskers compare by class and settings (two recipes' copies of one masker agree)."""
+    if isinstance(value, list | tuple):
+        return [(type(m), vars(m)) for m in value]
+    return value
 
 
 def _check_settings(**values) -> None:

@@ -21,7 +21,7 @@ import torch
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from vlp.data.transforms import ImageDecodeError, decode_image
+from vlp.data.transforms import ImageDecodeError, decode_image, split_views
 
 IMAGE_MARK = "<image>"
 #: Label names by index: NLVR2 (false/true) and SNLI-VE (the order SNLI lists them in;
@@ -169,7 +169,7 @@ class SampleDecoder:
             return sample
         key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         try:
-            return self._decode(sample, key)
+            return split_views(self._decode(sample, key))  # several views: image, image_<name>
         except _Skip as s:
             return Skipped(key, str(s))
 
@@ -282,6 +282,11 @@ class SampleDecoder:
         n = text.count(IMAGE_MARK)
         if n == 0:
             raise _Skip(f"interleaved text has no {IMAGE_MARK} mark")
+        found = len(
+            {k.split(".")[0] for k in sample if re.fullmatch(r"\d+\.[^.]+", k) and k.split(".")[1] in self.image_exts}
+        )
+        if found != n:  # counted like any bad sample; past max_skip_fraction the run stops
+            raise _Skip(f"{n} {IMAGE_MARK} mark(s) but {found} image(s) in the interleaved document")
         images = [self._image(sample, [f"{i}.{ext}" for ext in self.image_exts]) for i in range(n)]
         return {"text": text, "images": images, "key": key}
 

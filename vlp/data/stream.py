@@ -6,7 +6,10 @@ to an exact number of batches per rank, so every rank steps the same number of t
 under DDP. Evaluation streams read each shard exactly once and are not cut.
 
 Several sources of one modality are mixed sample by sample with their weights; several
-modalities are interleaved batch by batch, round robin (FLAVA's recipe).
+modalities are interleaved batch by batch (``mixing``): round robin (FLAVA's recipe), a
+fixed interleave proportional to each group's weight, or a weighted draw per step from a
+generator seeded by (seed, epoch, step) only, so every rank picks the same modality at
+the same step (under DDP different modalities touch different parameters).
 
 A stream is a deterministic function of (seed, epoch, rank, worker): its shard order,
 shuffle buffer, image crops and masks draw from generators seeded by those four numbers
@@ -57,6 +60,8 @@ class ModalityGroup:
     sources: list[SourceStream]
     collate: Collator
     num_samples: int = 0
+    batch_size: int | None = None  # None: the stream's batch_size
+    weight: float = 1.0  # share of the steps under mixing "weights" / "sample"
 
 
 @dataclass
@@ -70,6 +75,11 @@ class StreamConfig:
     world_size: int = 1
     seed: int = 0
     groups: list[ModalityGroup] = field(default_factory=list)
+    mixing: str = "round_robin"  # across groups: round_robin | weights | sample
+
+
+#: How training batches of several modality groups are interleaved.
+MIXING = ("round_robin", "weights", "sample")
 
 
 def _shuffle(samples: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -220,9 +230,15 @@ class ShardStream(IterableDataset):
         rng = random.Random(stream_seed(c.seed, self.epoch, c.rank, worker))
         global_seed = rng.getrandbits(63)
         iterators = [
-            batches(self._group_examples(g, worker, num_workers, rng), c.batch_size, g.collate) for g in c.groups
+            batches(self._group_examples(g, worker, num_workers, rng), g.batch_size or c.batch_size, g.collate)
+            for g in c.groups
         ]
-        stream = _own_rng(_round_robin(iterators), global_seed)
+        if c.mixing == "round_robin" or len(iterators) == 1 or not c.train:
+            mixed = _round_robin(iterators)
+        else:  # this worker's steps of the epoch's schedule: batch i comes from worker i % num_workers
+            steps = mixing_schedule(c.mixing, [g.weight for g in c.groups], c.seed, self.epoch)
+            mixed = _scheduled(iterators, itertools.islice(steps, worker, None, num_workers))
+        stream = _own_rng(mixed, global_seed)
         if c.num_batches is not None:
             share = worker_share(c.num_batches, worker, num_workers)
             # a resumed epoch: recompute (decode, crop, mask) the batches trained on before, so
@@ -246,6 +262,41 @@ def _round_robin(iterators: list[Iterator]) -> Iterator:
                 yield next(it)
             except StopIteration:
                 active.remove(it)
+
+
+def mixing_schedule(mode: str, weights: list[float], seed: int, epoch: int) -> Iterator[int]:
+    """The group index of every step of an epoch (endless), the same on every rank.
+
+    ``weights``: a deterministic interleave in which each group gets its share of every
+    window of steps (smooth weighted round robin: weights 2:1 give 0, 1, 0, 0, 1, 0...).
+    ``sample``: at step ``s`` a weighted draw from a generator seeded by (seed, epoch, s)
+    only. ``round_robin``: 0, 1, ..., n-1, 0, 1, ...
+    """
+    n = len(weights)
+    if mode == "round_robin":
+        yield from itertools.cycle(range(n))
+    elif mode == "weights":
+        total, credit = sum(weights), [0.0] * n
+        while True:
+            for g in range(n):
+                credit[g] += weights[g]
+            g = max(range(n), key=credit.__getitem__)  # ties: the first group
+            credit[g] -= total
+            yield g
+    elif mode == "sample":
+        for step in itertools.count():
+            yield random.Random(f"vlp-mix/{seed}/{epoch}/{step}").choices(range(n), weights=weights)[0]
+    else:
+        raise ValueError(f"mixing must be one of {MIXING}, got {mode!r}")
+
+
+def _scheduled(iterators: list[Iterator], schedule: Iterator[int]) -> Iterator:
+    """The next item of ``iterators[g]`` for each ``g`` of ``schedule`` (training streams are endless)."""
+    for g in schedule:
+        try:
+            yield next(iterators[g])
+        except StopIteration:
+            return
 
 
 def global_rng_state() -> dict:
@@ -273,7 +324,9 @@ def set_global_rng_state(state: dict) -> None:
 
 
 #: settings that decide which batches a training stream yields, in the order of a warning
-STREAM_SETTINGS = ("num_workers", "world_size", "batch_size", "num_batches", "seed")
+STREAM_SETTINGS = ("num_workers", "world_size", "batch_size", "num_batches", "seed", "mixing", "groups")
+#: settings older checkpoints lack: compared only when the checkpoint has them
+NEWER_SETTINGS = ("mixing", "groups")
 
 
 class StreamLoader(DataLoader):
@@ -319,6 +372,9 @@ class StreamLoader(DataLoader):
             "batch_size": c.batch_size,
             "num_batches": c.num_batches,
             "seed": c.seed,
+            "mixing": c.mixing,
+            # per group: modality, batch size and mixing weight
+            "groups": [[g.modality, g.batch_size or c.batch_size, g.weight] for g in c.groups],
         }
 
     def state_dict(self) -> dict:
@@ -335,7 +391,11 @@ class StreamLoader(DataLoader):
         if rngs:
             set_global_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         own = self.settings()
-        changed = [f"{k} {state.get(k)} -> {own[k]}" for k in STREAM_SETTINGS if state.get(k) != own[k]]
+        changed = [
+            f"{k} {state.get(k)} -> {own[k]}"
+            for k in STREAM_SETTINGS
+            if state.get(k) != own[k] and (k in state or k not in NEWER_SETTINGS)
+        ]
         if changed and state.get("batches"):
             log.warning(
                 "resuming with other data settings than the checkpoint's (%s): the stream cannot continue "

