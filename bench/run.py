@@ -185,6 +185,62 @@ def bench_itc(args, device, dtype) -> Table:
     return table
 
 
+def _queue_itc_before(itc, image, text, image_m, text_m, alpha: float):
+    """MomentumITC as it was before the one-contract redesign (the reference row): each queue
+    cloned and concatenated to the batch, dense batch x (batch + queue) hard targets."""
+    from vlp.objectives.momentum_itc import soft_cross_entropy
+
+    B, scale = image.shape[0], itc.scale()
+    image_all = torch.cat([image_m.T, itc.image_queue.clone().detach()], dim=1)  # (E, B + Q)
+    text_all = torch.cat([text_m.T, itc.text_queue.clone().detach()], dim=1)
+    hard = torch.zeros(B, B + itc.queue_size, device=image.device)
+    hard.fill_diagonal_(1.0)
+    with torch.no_grad():
+        if alpha > 0:
+            t_i2t = alpha * torch.softmax(scale * image_m @ text_all, dim=1) + (1 - alpha) * hard
+            t_t2i = alpha * torch.softmax(scale * text_m @ image_all, dim=1) + (1 - alpha) * hard
+        else:
+            t_i2t = t_t2i = hard
+    sim_i2t, sim_t2i = scale * image @ text_all, scale * text @ image_all
+    return (soft_cross_entropy(sim_i2t, t_i2t) + soft_cross_entropy(sim_t2i, t_t2i)) / 2
+
+
+def bench_queue_itc(args, device, dtype) -> Table:
+    """ALBEF's ITC against a 65,536-entry momentum queue, forward+backward: vlp's MomentumITC
+    (the queue read in place, class-index targets without distillation) against the previous
+    implementation (queue copies, dense targets) as the reference."""
+    from vlp.models.outputs import VLPOutput
+    from vlp.objectives import MomentumITC
+
+    table = Table("MomentumITC (queue 65,536, dim 256), forward+backward vs the previous implementation")
+    for batch, alpha in ((16, 0.0), (16, 0.4), (64, 0.0), (64, 0.4)):
+        itc = MomentumITC(queue_size=65536, embed_dim=256, distill=alpha > 0).to(device).train()
+        model = type("M", (), {"distill_alpha": alpha})()
+        feats = [nn.functional.normalize(torch.randn(batch, 256, device=device), dim=-1) for _ in range(4)]
+        image, text = (f.clone().requires_grad_() for f in feats[:2])
+        out = VLPOutput()
+        out.image_embeds, out.text_embeds, out.image_embeds_m, out.text_embeds_m = image, text, feats[2], feats[3]
+
+        def loss_ours(out=out, itc=itc, model=model):
+            loss = itc(out, {}, model)["itc_loss"]
+            itc._pending.clear()
+            return loss
+
+        def loss_before(itc=itc, image=image, text=text, feats=feats, alpha=alpha):
+            return _queue_itc_before(itc, image, text, feats[2], feats[3], alpha)
+
+        def ours(f=loss_ours):
+            f().backward()
+
+        def before(f=loss_before):
+            f().backward()
+
+        with torch.no_grad():
+            diff = abs(loss_ours().item() - loss_before().item())
+        table.add(f"batch {batch}, distillation alpha {alpha}", timeit(ours, device), timeit(before, device), diff)
+    return table
+
+
 def bench_data(args, device, dtype) -> Table:
     """Samples per second through the training DataLoader vs a plain webdataset pipeline."""
     import webdataset as wds
@@ -260,7 +316,13 @@ def bench_data(args, device, dtype) -> Table:
     return table
 
 
-BENCHES = {"attention": bench_attention, "block": bench_block, "itc": bench_itc, "data": bench_data}
+BENCHES = {
+    "attention": bench_attention,
+    "block": bench_block,
+    "itc": bench_itc,
+    "queue_itc": bench_queue_itc,
+    "data": bench_data,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -302,7 +302,7 @@ def test_recipe_with_a_plain_weights_file(shapes, trained, tmp_path, capsys):
         ("--model.init_args.optim.lr=-1", "optim.lr must be > 0"),
         ("--model.init_args.optim.schedule=cosin", "optim.schedule must be cosine, linear or constant"),
         ("--model.init_args.objectives=[{class_path: vlp.objectives.ITC, init_args: {temperature: -0.1}}]", "ITC"),
-        ("--model.init_args.objectives=[{class_path: vlp.objectives.ITM}]", "needs model outputs ['fused_cls']"),
+        ("--model.init_args.objectives=[{class_path: vlp.objectives.ITM}]", "needs a model with 'fusion'"),
     ],
 )
 def test_constructor_errors_are_one_paragraph(shapes, tmp_path, capsys, override, expected):
