@@ -32,7 +32,8 @@ from torch import nn
 from vlp.encoders.text import resize_token_embeddings
 from vlp.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from vlp.eval.compare import RESULTS_FILE
-from vlp.eval.evaluator import Evaluator, HeadEvaluator
+from vlp.eval.evaluator import Evaluator
+from vlp.models.evaluation import EvaluationLoop
 from vlp.models.optim import OptimConfig, build_optimizer, lr_lambda, param_groups
 from vlp.models.outputs import VLPOutput
 from vlp.models.protocols import CAPABILITIES
@@ -44,7 +45,7 @@ __all__ = ["OptimConfig", "VLPModule", "batch_size_of", "check_writable", "lr_la
 log = logging.getLogger("vlp")
 
 
-class VLPModule(pl.LightningModule):
+class VLPModule(EvaluationLoop, pl.LightningModule):
     """Base LightningModule of all families.
 
     Args:
@@ -346,104 +347,6 @@ class VLPModule(pl.LightningModule):
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 0
         fused = self.device.type == "cuda" and not clipping
         return build_optimizer(self.param_groups(), self.optim, total_steps=total, fused=fused)
-
-    # -- evaluation: one path for every family -------------------------------------------------
-    def evaluator_for(self, modality: str) -> Evaluator | None:
-        """A fresh evaluator of ``modality`` batches: the objective that evaluates that modality
-        (``Objective.evaluator``: task heads), else the family's :meth:`default_evaluator`."""
-        found = next(
-            (e for o in self.objectives.values() if modality in o.eval_modalities if (e := o.evaluator(self))),
-            None,
-        )
-        found = found or self.default_evaluator(modality)
-        if found is not None:
-            found.model = self  # a rank without batches still scores the gathered pairs
-        return found
-
-    def default_evaluator(self, modality: str) -> Evaluator | None:
-        """The family's evaluation of ``modality`` data no task head handles (None: refused)."""
-        return None
-
-    def head_evaluator(self, head: Objective) -> Evaluator:
-        """The evaluator of a task head's torchmetrics metric, on this model's device."""
-        return HeadEvaluator(head, self.device)
-
-    def _start_evaluation(self, stage: str) -> None:
-        """An evaluator per source of ``stage``, on every rank (a rank with no batch of a small
-        split still takes part in each evaluator's collectives)."""
-        dm = self._datamodule()
-        modalities = dm.eval_source_modalities(stage) if hasattr(dm, "eval_source_modalities") else []
-        self._evaluators[stage] = [self.evaluator_for(m) for m in modalities]
-
-    def _eval_batch(self, stage: str, batch: dict, idx: int) -> None:
-        evaluators = self._evaluators.setdefault(stage, [])
-        while len(evaluators) <= idx:  # plain DataLoaders (no WebDataModule): one per loader seen
-            evaluators.append(self.evaluator_for(batch.get("modality", "pair")))
-        evaluator = evaluators[idx]
-        if evaluator is None:
-            raise ConfigError(
-                f"{type(self).__name__} has no {stage} evaluation for {batch.get('modality')!r} data "
-                f"(objectives: {list(self.objectives)}); add a task head for it or remove the source"
-            )
-        with torch.no_grad():
-            evaluator.update(self, self(batch), batch)
-
-    def _finish_evaluation(self, stage: str) -> None:
-        """Compute (on every rank), log and (on test) print every evaluator of ``stage``."""
-        names = self._source_names(stage)
-        for idx, evaluator in enumerate(self._evaluators.pop(stage, [])):
-            if evaluator is None:
-                continue
-            scores = evaluator.compute()
-            name = names[idx] if idx < len(names) else stage
-            prefix = stage if len(names) <= 1 else f"{stage}/{name}"
-            keys = {k: (f"{evaluator.task}_{k}" if evaluator.prefix_scores else k) for k in scores}
-            self.log_dict({f"{prefix}/{keys[k]}": v for k, v in scores.items()}, rank_zero_only=True)
-            record = {"scores": scores, "chance": evaluator.chance, **evaluator.extra()}
-            if evaluator.prefix_scores:
-                record["task"] = evaluator.task
-            self.results[prefix] = record
-            if stage == "test":
-                title = f"{name}: {evaluator.task} ({type(self).__name__})"
-                self.report("\n" + evaluator.table(scores, title) + "\n")
-
-    @torch.no_grad()
-    def evaluate(self, batches, stage: str = "test", modality: str | None = None) -> dict:
-        """Evaluate on ``batches`` (an iterable of batch dicts of one source) without a Trainer,
-        as ``vlp test`` does for one loader: → the result record (scores, chance, counts),
-        also kept in ``self.results[stage]``. Under torch.distributed every rank calls it
-        with its own share; pass ``modality`` so that a rank with no batch takes part."""
-        self._evaluators[stage] = [self.evaluator_for(modality)] if modality else []
-        for batch in batches:
-            self._eval_batch(stage, batch, 0)
-        self._finish_evaluation(stage)
-        return self.results[stage]
-
-    def _source_names(self, stage: str) -> list[str]:
-        """Names of the evaluation sources (one per DataLoader) of ``stage``."""
-        dm = self._datamodule()
-        return dm.eval_source_names(stage) if hasattr(dm, "eval_source_names") else []
-
-    def on_validation_epoch_start(self) -> None:
-        self._start_evaluation("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._start_evaluation("test")
-
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_batch("val", batch, dataloader_idx)
-
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_batch("test", batch, dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        dm = self._datamodule()
-        if dm is not None and hasattr(dm, "skip_report") and not self.trainer.sanity_checking:
-            dm.finish_stage("val", dm.skip_report("val"))  # on every rank: the counts are summed over ranks
-        self._finish_evaluation("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish_evaluation("test")
 
     # -- reporting ------------------------------------------------------------------------
     def num_parameters(self) -> int:
