@@ -489,9 +489,10 @@ def test_recipe_is_built_without_pretrained_weights(tmp_path, pretrain_ckpt):
 
 
 def _base() -> dict | None:
-    from vlp.convert.meter import DEFAULT_RECIPE, _read_model_section
+    from vlp.convert.common import read_model_section
+    from vlp.convert.meter import DEFAULT_RECIPE
 
-    return _read_model_section(DEFAULT_RECIPE) if DEFAULT_RECIPE.is_file() else None
+    return read_model_section(DEFAULT_RECIPE) if DEFAULT_RECIPE.is_file() else None
 
 
 def test_cli_errors_name_the_file(tmp_path, capsys):

@@ -36,17 +36,24 @@ model, e.g. the MLM head of a model without MLM) or dropped (with the reason).
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from vlp.convert.common import (
+    ConversionReport,
+    build_model,
+    count_indices,
+    extract_state_dict,
+    read_model_section,
+    save_state_dict,
+)
 from vlp.encoders.bert import bert_layer_to_block, block_to_bert_layer
 from vlp.errors import CheckpointError, ConfigError
 from vlp.objectives.base import find_objective, names_by_kind
@@ -100,80 +107,6 @@ _MLM_KEYS = {  # cls.predictions.* → MLMHead.*
 
 
 @dataclass
-class ConversionReport:
-    """What a conversion did with every key.
-
-    Attributes:
-        source / output: the files (when converting files).
-        loaded: model keys filled from the checkpoint.
-        missing: model keys not filled: they keep their initial values.
-        unknown: checkpoint keys the converter does not know (a different model, or a
-            different version of ALBEF): never ignored silently.
-        unused: known checkpoint keys with no place in this model → why (e.g. the MLM head
-            of a model without an MLM objective, momentum copies of a model without them).
-        dropped: checkpoint keys left out on purpose → why (tied or derived tensors).
-        momentum_copied: momentum modules the checkpoint lacks, filled from the online weights.
-        interpolated: position embeddings resized to the model's patch grid.
-        notes: other adaptations (zero token-type table, reshaped queues...).
-        warnings: things to look at (a tied weight that was not tied, a clamped temperature).
-        recipe: the ``model:`` recipe section of a model built from the checkpoint's shapes.
-    """
-
-    source: str = "<state dict>"
-    output: str | None = None
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unknown: list[str] = field(default_factory=list)
-    unused: dict[str, str] = field(default_factory=dict)
-    dropped: dict[str, str] = field(default_factory=dict)
-    momentum_copied: list[str] = field(default_factory=list)
-    interpolated: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    recipe: dict | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Every checkpoint key is known and every model key was filled."""
-        return not self.unknown and not self.missing
-
-    def summary(self, max_keys: int = 10) -> str:
-        """A human-readable account, keys grouped by reason and shortened to ``max_keys``."""
-
-        def keys(items: list[str]) -> str:
-            more = f", ... ({len(items) - max_keys} more)" if len(items) > max_keys else ""
-            return ", ".join(items[:max_keys]) + more
-
-        def by_reason(d: dict[str, str]) -> list[str]:
-            groups: dict[str, list[str]] = defaultdict(list)
-            for k, why in d.items():
-                groups[why].append(k)
-            return [f"    {len(ks)} key(s): {why}\n      {keys(ks)}" for why, ks in groups.items()]
-
-        where = self.source + (f" -> {self.output}" if self.output else "")
-        lines = [f"ALBEF conversion {where}: {len(self.loaded)} model keys loaded"]
-        if self.unknown:
-            lines.append(f"  UNKNOWN checkpoint keys ({len(self.unknown)}): {keys(self.unknown)}")
-        if self.missing:
-            lines.append(
-                f"  MISSING model keys, left at their initial values ({len(self.missing)}): {keys(self.missing)}"
-            )
-        if self.unused:
-            lines += ["  unused (no place in this model):", *by_reason(self.unused)]
-        if self.dropped:
-            lines += ["  dropped on purpose:", *by_reason(self.dropped)]
-        if self.momentum_copied:
-            lines.append(f"  momentum copies filled from the online weights: {', '.join(self.momentum_copied)}")
-        lines += [f"  interpolated: {s}" for s in self.interpolated]
-        lines += [f"  note: {s}" for s in self.notes]
-        lines += [f"  WARNING: {s}" for s in self.warnings]
-        lines.append(
-            "  OK: every checkpoint key known, every model key filled" if self.ok else "  NOT a complete conversion"
-        )
-        return "\n".join(lines)
-
-
-@dataclass
 class _Mapping:
     """Result of the pure key mapping (objective keys under their names)."""
 
@@ -187,25 +120,6 @@ class _Mapping:
 
 
 # -- reading ------------------------------------------------------------------------------
-def extract_state_dict(ckpt: Any, where: str = "<checkpoint>") -> dict[str, Tensor]:
-    """The model state dict of an ALBEF/LAVIS/vlp checkpoint (``model``, ``state_dict`` or
-    ``module`` entry, or the mapping itself), without a DDP ``module.`` prefix."""
-    if isinstance(ckpt, dict):
-        for key in ("model", "state_dict", "module"):
-            if isinstance(ckpt.get(key), dict):
-                ckpt = ckpt[key]
-                break
-    if not isinstance(ckpt, dict) or not ckpt:
-        raise CheckpointError(f"{where}: no state dict found (expected a 'model' mapping of tensors)")
-    bad = [k for k, v in ckpt.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise CheckpointError(f"{where}: the state dict holds non-tensor entries {bad[:5]}")
-    if all(k.startswith("module.") for k in ckpt):
-        ckpt = {k[len("module.") :]: v for k, v in ckpt.items()}
-    # torch.distributed's activation-checkpoint wrapper inserts this into module paths
-    return {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in ckpt.items()}
-
-
 def _text_prefix(state: dict[str, Tensor], copy: str = "") -> str:
     """``text_encoder[_m].bert.`` (BertForMaskedLM: pretraining) or ``text_encoder[_m].`` (BertModel)."""
     bert = f"text_encoder{copy}.bert."
@@ -381,10 +295,6 @@ def _momentum_group(key: str) -> str:
     return m[1] if m else key.split(".")[0]
 
 
-def _count(keys, pattern: str) -> int:
-    return len({m[1] for k in keys if (m := re.match(pattern, k))})
-
-
 def albef_to_vlp(state: dict[str, Tensor], model: ALBEF, *, strict: bool = False) -> ConversionReport:
     """Load an ALBEF/LAVIS state dict (or checkpoint) into ``model``; return the report.
 
@@ -405,8 +315,8 @@ def albef_to_vlp(state: dict[str, Tensor], model: ALBEF, *, strict: bool = False
             f"{type(model.fusion).__name__}"
         )
     F_ = len(text_layers)
-    src_layers = _count(state, re.escape(_text_prefix(state)) + r"encoder\.layer\.(\d+)\.")
-    src_blocks = _count(state, r"visual_encoder\.blocks\.(\d+)\.")
+    src_layers = count_indices(state, re.escape(_text_prefix(state)) + r"encoder\.layer\.(\d+)\.")
+    src_blocks = count_indices(state, r"visual_encoder\.blocks\.(\d+)\.")
     dst_blocks = len(vit_blocks)
     if src_layers != F_ + len(model.fusion.blocks) or src_blocks != dst_blocks:
         raise CheckpointError(
@@ -576,35 +486,17 @@ def _strip_pretrained(node: Any) -> Any:
 
 def build_albef(model_config: dict) -> ALBEF:
     """An ALBEF from a recipe's ``model:`` section (``class_path`` / ``init_args``)."""
-    from jsonargparse import ArgumentParser
-
     from vlp.models.albef import ALBEF
 
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(ALBEF, "model")
-    try:
-        namespace = parser.parse_object({"model": copy.deepcopy(model_config)})  # parsing edits dicts in place
-    except Exception as e:
-        raise ConfigError(f"cannot parse the ALBEF model config: {str(e).strip().splitlines()[0]}") from None
-    return parser.instantiate(namespace).model
+    return build_model(ALBEF, model_config)
 
 
 def albef_from_recipe(path: str | os.PathLike) -> ALBEF:
     """The model of a vlp recipe YAML, built without loading any pretrained weights it names
     (``pretrained`` → false, ``init_from`` → null): the checkpoint replaces them. A text
     encoder given by hub name still needs its config (Hugging Face cache or a local folder)."""
-    import yaml
 
-    from vlp.utils.paths import resolve_path
-
-    path = resolve_path(str(path))
-    if not os.path.isfile(path):
-        raise ConfigError(f"recipe not found: {path}")
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    if "model" not in config:
-        raise ConfigError(f"{path} has no 'model:' section")
-    return build_albef(_strip_pretrained(config["model"]))
+    return build_albef(_strip_pretrained(read_model_section(path)))
 
 
 def albef_recipe_from_state(state: dict[str, Tensor], *, head_dim: int = 64) -> dict:
@@ -637,7 +529,7 @@ def albef_recipe_from_state(state: dict[str, Tensor], *, head_dim: int = 64) -> 
     words = need(f"{text}embeddings.word_embeddings.weight")
     V, Dt = words.shape
     types = state.get(f"{text}embeddings.token_type_embeddings.weight")
-    num_layers = _count(state, re.escape(text) + r"encoder\.layer\.(\d+)\.")
+    num_layers = count_indices(state, re.escape(text) + r"encoder\.layer\.(\d+)\.")
     F_ = infer_fusion_layer(state)
     inter = need(f"{text}encoder.layer.0.intermediate.dense.weight").shape[0]
     E = need("vision_proj.weight").shape[0]
@@ -667,7 +559,7 @@ def albef_recipe_from_state(state: dict[str, Tensor], *, head_dim: int = 64) -> 
                     "model_kwargs": {
                         "patch_size": patch,
                         "embed_dim": Dv,
-                        "depth": _count(state, r"visual_encoder\.blocks\.(\d+)\."),
+                        "depth": count_indices(state, r"visual_encoder\.blocks\.(\d+)\."),
                         "num_heads": heads(Dv, "ViT"),
                         "mlp_ratio": need("visual_encoder.blocks.0.mlp.fc1.weight").shape[0] / Dv,
                     },
@@ -704,19 +596,6 @@ def albef_recipe_from_state(state: dict[str, Tensor], *, head_dim: int = 64) -> 
             "use_momentum": use_momentum,
         },
     }
-
-
-def save_state_dict(state: dict[str, Tensor], path: str, converted_by: str = "vlp convert albef") -> None:
-    """Write a vlp state dict: safetensors for ``*.safetensors`` (``converted_by`` in its
-    metadata), else ``torch.save({"state_dict": ...})``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        save_file(tensors, path, metadata={"format": "pt", "converted_by": converted_by})
-    else:
-        torch.save({"state_dict": tensors}, path)
 
 
 def convert_albef(

@@ -71,9 +71,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from vlp.convert.albef import ConversionReport, extract_state_dict, save_state_dict
+from vlp.convert.common import (
+    ConversionReport,
+    build_model,
+    count_indices,
+    extract_state_dict,
+    read_model_section,
+    save_state_dict,
+)
 from vlp.encoders.bert import bert_layer_to_block, block_to_bert_layer
-from vlp.errors import CheckpointError, ConfigError, VLPError
+from vlp.errors import CheckpointError, ConfigError
 from vlp.objectives.base import find_objective, names_by_kind
 from vlp.objectives.mlm import MLM
 from vlp.utils.checkpoint import interpolate_pos_embed, read_checkpoint
@@ -238,10 +245,6 @@ def meter_hparams(ckpt: Any) -> dict | None:
 
 
 # -- the pure mapping ---------------------------------------------------------------------
-def _count(keys, pattern: str) -> int:
-    return len({m[1] for k in keys if (m := re.match(pattern, k))})
-
-
 def _map(state: dict[str, Tensor]) -> _Mapping:
     out = _Mapping({}, [], {}, [], [])
     consumed: set[str] = set()
@@ -417,11 +420,11 @@ def meter_to_vlp(
     counts = [
         (
             "CLIP residual blocks",
-            _count(state, re.escape(VIT) + r"transformer\.resblocks\.(\d+)\."),
+            count_indices(state, re.escape(VIT) + r"transformer\.resblocks\.(\d+)\."),
             len(visual.transformer.resblocks),
         ),
-        ("text layers", _count(state, re.escape(TEXT) + r"encoder\.layer\.(\d+)\."), len(hf.encoder.layer)),
-        ("cross-modal layers", _count(state, r"cross_modal_text_layers\.(\d+)\."), len(fusion.text_layers)),
+        ("text layers", count_indices(state, re.escape(TEXT) + r"encoder\.layer\.(\d+)\."), len(hf.encoder.layer)),
+        ("cross-modal layers", count_indices(state, r"cross_modal_text_layers\.(\d+)\."), len(fusion.text_layers)),
     ]
     wrong = [f"the checkpoint has {src} {what}, the model {dst}" for what, src, dst in counts if src != dst]
     if wrong:
@@ -603,44 +606,16 @@ def _hf_config(name: str) -> dict | None:
 
 def build_meter(model_config: dict) -> METER:
     """A METER from a recipe's ``model:`` section (``class_path`` / ``init_args``)."""
-    from jsonargparse import ArgumentParser
-
     from vlp.models.meter import METER
 
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(METER, "model")
-    try:
-        namespace = parser.parse_object({"model": copy.deepcopy(model_config)})  # parsing edits dicts in place
-        return parser.instantiate(namespace).model
-    except Exception as e:
-        cause = e
-        while cause is not None and not isinstance(cause, VLPError):  # jsonargparse wraps the towers' errors
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise cause from None
-        raise ConfigError(f"cannot build the METER model: {str(e).strip().splitlines()[0]}") from None
-
-
-def _read_model_section(path: str | os.PathLike) -> dict:
-    import yaml
-
-    from vlp.utils.paths import resolve_path
-
-    path = resolve_path(str(path))
-    if not os.path.isfile(path):
-        raise ConfigError(f"recipe not found: {path}")
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    if "model" not in config:
-        raise ConfigError(f"{path} has no 'model:' section")
-    return config["model"]
+    return build_model(METER, model_config)
 
 
 def meter_from_recipe(path: str | os.PathLike, notes: list[str] | None = None) -> METER:
     """The model of a vlp recipe YAML, built without the pretrained weights it names
     (``pretrained`` off, ``init_from`` null, a Hugging Face text tower from its config when
     the config can be read offline): the checkpoint replaces them."""
-    return build_meter(_weights_free(_read_model_section(path), notes if notes is not None else []))
+    return build_meter(_weights_free(read_model_section(path), notes if notes is not None else []))
 
 
 def meter_recipe_from_state(
@@ -677,7 +652,7 @@ def meter_recipe_from_state(
     side = math.isqrt(n)
     if side * side != n:
         raise CheckpointError(f"{VIT}positional_embedding has {n} patch positions: not a square grid")
-    blocks = _count(state, re.escape(VIT) + r"transformer\.resblocks\.(\d+)\.")
+    blocks = count_indices(state, re.escape(VIT) + r"transformer\.resblocks\.(\d+)\.")
     vision_mlp = need(f"{VIT}transformer.resblocks.0.mlp.c_fc.weight").shape[0] / W
     heads(W, "CLIP")
     V, Dt = need(f"{TEXT}embeddings.word_embeddings.weight").shape
@@ -688,7 +663,7 @@ def meter_recipe_from_state(
         "model_type": "roberta" if roberta else "bert",
         "vocab_size": V,
         "hidden_size": Dt,
-        "num_hidden_layers": _count(state, re.escape(TEXT) + r"encoder\.layer\.(\d+)\."),
+        "num_hidden_layers": count_indices(state, re.escape(TEXT) + r"encoder\.layer\.(\d+)\."),
         "num_attention_heads": heads(Dt, "text"),
         "intermediate_size": need(f"{TEXT}encoder.layer.0.intermediate.dense.weight").shape[0],
         "max_position_embeddings": need(f"{TEXT}embeddings.position_embeddings.weight").shape[0],
@@ -705,7 +680,7 @@ def meter_recipe_from_state(
         fusion_args = {"drop": float(hp["drop_rate"]), "attn_drop": float(hp["drop_rate"])}
     fusion_args = {
         "dim": hidden,
-        "depth": _count(state, r"cross_modal_text_layers\.(\d+)\."),
+        "depth": count_indices(state, r"cross_modal_text_layers\.(\d+)\."),
         "num_heads": int(hp["num_heads"]) if "num_heads" in hp else heads(hidden, "fusion"),
         "mlp_ratio": inter / hidden,
         **fusion_args,
@@ -808,7 +783,7 @@ def convert_meter(
     state = extract_state_dict(ckpt, src)
     recipe, notes = None, list(read_notes)
     if model is None:
-        base = _read_model_section(DEFAULT_RECIPE) if DEFAULT_RECIPE.is_file() else None
+        base = read_model_section(DEFAULT_RECIPE) if DEFAULT_RECIPE.is_file() else None
         recipe = meter_recipe_from_state(state, hparams=hparams, head_dim=head_dim, base=base)
         if "vqa_classifier.3.weight" in state:
             notes.append(
