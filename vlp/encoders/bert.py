@@ -26,6 +26,8 @@ output.LayerNorm                             norm2
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -80,6 +82,46 @@ def block_to_bert_layer(state: dict[str, Tensor], *, cross_attention: bool) -> d
     return out
 
 
+@dataclass
+class ContextCache:
+    """Cross-attention keys and values of a set of images, for every fusion layer.
+
+    What :meth:`BertFusion.forward_cached` needs from the image side of a pair: computed
+    once per image by :meth:`BertFusion.context_cache` instead of once per (image, caption).
+    """
+
+    keys: Tensor  # (depth, N, H, S, hd)
+    values: Tensor  # (depth, N, H, S, hd)
+    mask: Tensor | None = None  # (N, S) bool, True at real image tokens
+
+    def __len__(self) -> int:
+        return self.keys.shape[1]
+
+    def index(self, rows: Tensor) -> ContextCache:
+        """The cache of images ``rows`` (n,) (repeats allowed: one row per scored pair)."""
+        mask = self.mask.index_select(0, rows) if self.mask is not None else None
+        return ContextCache(self.keys.index_select(1, rows), self.values.index_select(1, rows), mask)
+
+
+@dataclass
+class TextCache:
+    """Captions after the first fusion layer's self-attention (which reads text only).
+
+    Computed once per caption by :meth:`BertFusion.text_cache`.
+    """
+
+    tokens: Tensor  # (N, L, D) norm1(x + self_attn(x)) of the first layer
+    mask: Tensor | None = None  # (N, L) bool, True at real tokens
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def index(self, rows: Tensor) -> TextCache:
+        """The cache of captions ``rows`` (n,)."""
+        mask = self.mask.index_select(0, rows) if self.mask is not None else None
+        return TextCache(self.tokens.index_select(0, rows), mask)
+
+
 class BertFusion(Transformer):
     """Post-norm BERT layers with cross-attention to another modality's tokens.
 
@@ -96,6 +138,13 @@ class BertFusion(Transformer):
             feed-forward; cross-attention keeps its fresh init (ALBEF: layers 6-11 of
             bert-base-uncased). ``None``: random init.
         init_from_layer: first BERT layer to copy.
+
+    Pair scoring (ITM re-ranking) can split the work by what it depends on:
+    ``forward_cached(text_cache(t, mask)[rows_t], context_cache(images)[rows_i], cls_only=True)``
+    equals ``forward(t[rows_t], mask=..., context=images[rows_i])[:, 0]``, but computes each
+    image's cross-attention keys/values (every layer) and each caption's first self-attention
+    once, and runs the last layer for the CLS row only. ``attn_mask`` / ``is_causal`` are not
+    supported there (ALBEF's fusion uses neither).
     """
 
     def __init__(
@@ -149,3 +198,56 @@ class BertFusion(Transformer):
             missing, unexpected = block.load_state_dict(mapped, strict=False)
             assert not unexpected, unexpected
             assert all(k.startswith(("cross_attn.", "norm_cross.")) for k in missing), missing
+
+    # -- pair scoring with per-image and per-caption work done once ---------------------------
+
+    @torch.no_grad()
+    def context_cache(self, context: Tensor, context_mask: Tensor | None = None) -> ContextCache:
+        """Cross-attention keys/values of image tokens (N, S, context_dim) in every layer."""
+        keys, values = [], []
+        for block in self.blocks:
+            k, v = block.cross_attn.keys_values(context)  # (N, H, S, hd) each
+            keys.append(k)
+            values.append(v)
+        mask = context_mask.bool() if context_mask is not None else None
+        return ContextCache(torch.stack(keys), torch.stack(values), mask)  # (depth, N, H, S, hd)
+
+    @torch.no_grad()
+    def text_cache(self, x: Tensor, mask: Tensor | None = None) -> TextCache:
+        """Text tokens (N, L, dim) through the first layer's self-attention and its norm."""
+        block = self.blocks[0]
+        mask = mask.bool() if mask is not None else None
+        x = block.norm1(x + block.drop_path(block.ls1(block.attn(x, key_padding_mask=mask))))  # (N, L, D)
+        return TextCache(x, mask)
+
+    @torch.no_grad()
+    def forward_cached(self, text: TextCache, context: ContextCache, *, cls_only: bool = False) -> Tensor:
+        """The fusion of row-aligned pairs (text row n with context row n) from the caches.
+
+        Returns (N, L, dim) as ``forward``, or with ``cls_only`` the first token (N, dim),
+        for which the last layer runs its queries, cross-attention and MLP on that row only.
+        """
+        if len(text) != len(context):
+            raise ValueError(f"forward_cached: {len(text)} texts but {len(context)} contexts; index both per pair")
+        if context.keys.shape[0] != len(self.blocks):
+            raise ValueError(
+                f"forward_cached: the context cache has {context.keys.shape[0]} layers, the fusion {len(self.blocks)}"
+            )
+        x, mask = text.tokens, text.mask  # (N, L, D), (N, L)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            dp = block.drop_path
+            if i > 0:
+                attn = block.attn
+                k, v = attn.keys_values(x)  # (N, H, L, hd): every row is a key
+                rows = x[:, :1] if cls_only and i == last else x  # (N, 1 | L, D)
+                out = attn.attend(attn.query(rows), k, v, key_padding_mask=mask)  # (N, 1 | L, D)
+                x = block.norm1(rows + dp(block.ls1(out)))
+            elif cls_only and i == last:  # one layer: its self-attention is in the text cache
+                x = x[:, :1]
+            xattn = block.cross_attn
+            out = xattn.attend(xattn.query(x), context.keys[i], context.values[i], key_padding_mask=context.mask)
+            x = block.norm_cross(x + dp(block.ls_cross(out)))  # (N, 1 | L, D)
+            x = block.norm2(x + dp(block.ls2(block.mlp(x))))  # (N, 1 | L, D)
+        x = self.norm(x)  # identity for BERT (post-norm), kept for parity with forward
+        return x[:, 0] if cls_only else x  # (N, D) or (N, L, D)
