@@ -43,6 +43,7 @@ def test_cached_pairs_equal_plain_forward(depth):
         full = f.forward_cached(tc.index(t), cc.index(i))
         cls = f.forward_cached(tc.index(t), cc.index(i), cls_only=True)
     assert cc.keys.shape == (depth, 3, H, S, D // H) and tc.tokens.shape == (4, LT, D)
+    assert len(cc.index(i)) == len(t) and len(cc.index(i).index(torch.tensor([0, 8]))) == 2
     assert_close(full, plain, rtol=1e-5, atol=1e-5)
     assert cls.shape == (len(t), D)
     assert_close(cls, plain[:, 0], rtol=1e-5, atol=1e-5)
@@ -73,3 +74,13 @@ def test_forward_cached_rejects_misaligned_caches():
     other = ContextCache(cc.keys[:1], cc.values[:1])
     with pytest.raises(ValueError, match="1 layers, the fusion 2"):
         f.forward_cached(tc.index(torch.arange(3)), other)
+
+
+def test_context_cache_index_composes():
+    f = fusion(2)
+    _, _, images = inputs()
+    cc = f.context_cache(images)
+    once = cc.index(torch.tensor([2, 0, 1, 2])).index(torch.tensor([3, 1]))  # images 2, 0
+    k, v, _ = once.layer(1)
+    assert_close(k, cc.keys[1, [2, 0]])
+    assert_close(v, cc.values[1, [2, 0]])

@@ -88,19 +88,37 @@ class ContextCache:
 
     What :meth:`BertFusion.forward_cached` needs from the image side of a pair: computed
     once per image by :meth:`BertFusion.context_cache` instead of once per (image, caption).
+    ``index(rows)`` selects images per pair lazily: each layer's keys/values are gathered
+    when that layer runs, so a batch holds one layer's gathered copy at a time, as the
+    plain forward holds one layer's projections.
     """
 
     keys: Tensor  # (depth, N, H, S, hd)
     values: Tensor  # (depth, N, H, S, hd)
     mask: Tensor | None = None  # (N, S) bool, True at real image tokens
+    rows: Tensor | None = None  # (n,) images of the pairs; None: all N in order
 
     def __len__(self) -> int:
-        return self.keys.shape[1]
+        return len(self.rows) if self.rows is not None else self.keys.shape[1]
+
+    @property
+    def depth(self) -> int:
+        return self.keys.shape[0]
 
     def index(self, rows: Tensor) -> ContextCache:
         """The cache of images ``rows`` (n,) (repeats allowed: one row per scored pair)."""
-        mask = self.mask.index_select(0, rows) if self.mask is not None else None
-        return ContextCache(self.keys.index_select(1, rows), self.values.index_select(1, rows), mask)
+        rows = rows.to(self.keys.device)
+        if self.rows is not None:
+            rows = self.rows.index_select(0, rows)
+        return ContextCache(self.keys, self.values, self.mask, rows)
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Keys, values (n, H, S, hd) and mask (n, S) of layer ``i`` for the selected rows."""
+        k, v, mask = self.keys[i], self.values[i], self.mask
+        if self.rows is None:
+            return k, v, mask
+        mask = mask.index_select(0, self.rows) if mask is not None else None
+        return k.index_select(0, self.rows), v.index_select(0, self.rows), mask
 
 
 @dataclass
@@ -118,6 +136,7 @@ class TextCache:
 
     def index(self, rows: Tensor) -> TextCache:
         """The cache of captions ``rows`` (n,)."""
+        rows = rows.to(self.tokens.device)
         mask = self.mask.index_select(0, rows) if self.mask is not None else None
         return TextCache(self.tokens.index_select(0, rows), mask)
 
@@ -229,10 +248,8 @@ class BertFusion(Transformer):
         """
         if len(text) != len(context):
             raise ValueError(f"forward_cached: {len(text)} texts but {len(context)} contexts; index both per pair")
-        if context.keys.shape[0] != len(self.blocks):
-            raise ValueError(
-                f"forward_cached: the context cache has {context.keys.shape[0]} layers, the fusion {len(self.blocks)}"
-            )
+        if context.depth != len(self.blocks):
+            raise ValueError(f"forward_cached: the context cache has {context.depth} layers, the fusion {len(self.blocks)}")
         x, mask = text.tokens, text.mask  # (N, L, D), (N, L)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
@@ -246,7 +263,8 @@ class BertFusion(Transformer):
             elif cls_only and i == last:  # one layer: its self-attention is in the text cache
                 x = x[:, :1]
             xattn = block.cross_attn
-            out = xattn.attend(xattn.query(x), context.keys[i], context.values[i], key_padding_mask=context.mask)
+            k, v, context_mask = context.layer(i)  # (N, H, S, hd) x 2, (N, S)
+            out = xattn.attend(xattn.query(x), k, v, key_padding_mask=context_mask)
             x = block.norm_cross(x + dp(block.ls_cross(out)))  # (N, 1 | L, D)
             x = block.norm2(x + dp(block.ls2(block.mlp(x))))  # (N, 1 | L, D)
         x = self.norm(x)  # identity for BERT (post-norm), kept for parity with forward

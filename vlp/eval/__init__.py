@@ -7,6 +7,7 @@ from vlp.eval.retrieval import (
     format_table,
     recall_at_k,
     rerank_topk,
+    rerank_with_cache,
     retrieval_scores,
 )
 from vlp.eval.vqa import (
@@ -35,6 +36,7 @@ __all__ = [
     "normalize_answer",
     "recall_at_k",
     "rerank_topk",
+    "rerank_with_cache",
     "retrieval_scores",
     "vqa_accuracy",
     "vqa_answer_score",
