@@ -84,3 +84,18 @@ def test_context_cache_index_composes():
     k, v, _ = once.layer(1)
     assert_close(k, cc.keys[1, [2, 0]])
     assert_close(v, cc.values[1, [2, 0]])
+
+
+def test_trimmed_text_cache_gives_the_same_cls():
+    f = fusion(2)
+    text, mask, images = inputs()  # caption lengths 6, 3, 1, 4
+    tc, cc = f.text_cache(text, mask), f.context_cache(images)
+    assert tc.extent().tolist() == [6, 3, 1, 4]
+    t, i = torch.tensor([1, 3, 2]), torch.tensor([0, 2, 1])
+    trimmed = tc.index(t, trim=True)
+    assert trimmed.tokens.shape == (3, 4, D) and trimmed.mask.shape == (3, 4)  # widest selected: 4
+    assert tc.index(torch.tensor([0, 1]), trim=True).tokens.shape[1] == LT  # nothing to trim
+    with torch.no_grad():
+        plain = f(text[t], mask=mask[t], context=images[i])[:, 0]
+        got = f.forward_cached(trimmed, cc.index(i), cls_only=True)
+    assert_close(got, plain, rtol=1e-5, atol=1e-5)

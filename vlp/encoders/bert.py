@@ -134,11 +134,29 @@ class TextCache:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def index(self, rows: Tensor) -> TextCache:
-        """The cache of captions ``rows`` (n,)."""
+    def index(self, rows: Tensor, *, trim: bool = False) -> TextCache:
+        """The cache of captions ``rows`` (n,).
+
+        ``trim``: drop the trailing positions that are padding in every selected caption.
+        They are masked keys in every later layer and their own outputs are not the CLS, so
+        ``forward_cached(..., cls_only=True)`` gives the same result on fewer rows; a batch of
+        short captions then costs what short captions cost.
+        """
         rows = rows.to(self.tokens.device)
         mask = self.mask.index_select(0, rows) if self.mask is not None else None
+        if trim and mask is not None:
+            real = mask.any(0).nonzero()  # (m, 1) positions real in some selected caption
+            width = int(real.max()) + 1 if len(real) else 1
+            if width < mask.shape[1]:
+                return TextCache(self.tokens[:, :width].index_select(0, rows), mask[:, :width])
         return TextCache(self.tokens.index_select(0, rows), mask)
+
+    def extent(self) -> Tensor:
+        """(N,) 1 + the last real position of each caption: the width ``index(trim=True)`` keeps."""
+        if self.mask is None:
+            return torch.full((len(self),), self.tokens.shape[1], device=self.tokens.device)
+        positions = torch.arange(1, self.mask.shape[1] + 1, device=self.mask.device)  # (L,)
+        return (self.mask * positions).amax(1).clamp(min=1)  # (N,)
 
 
 class BertFusion(Transformer):
@@ -249,7 +267,9 @@ class BertFusion(Transformer):
         if len(text) != len(context):
             raise ValueError(f"forward_cached: {len(text)} texts but {len(context)} contexts; index both per pair")
         if context.depth != len(self.blocks):
-            raise ValueError(f"forward_cached: the context cache has {context.depth} layers, the fusion {len(self.blocks)}")
+            raise ValueError(
+                f"forward_cached: the context cache has {context.depth} layers, the fusion {len(self.blocks)}"
+            )
         x, mask = text.tokens, text.mask  # (N, L, D), (N, L)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):

@@ -207,7 +207,9 @@ def rerank_with_cache(
     (``BertFusion.text_cache`` / ``context_cache`` / ``forward_cached``): each caption's
     first self-attention is computed once, each image's cross-attention keys/values once
     per layer, and the last layer runs for the CLS row only. Pairs come sorted by image, so
-    images are cached ``image_batch`` at a time and dropped after their pairs are scored.
+    images are cached ``image_batch`` at a time and dropped after their pairs are scored;
+    within those, pairs are batched by caption width and each batch drops the padding its
+    captions share (exact: padded positions never reach the CLS token).
 
     Args:
         sims: (Ni, Nt) ITC similarities.
@@ -235,6 +237,7 @@ def rerank_with_cache(
     if cand.num_pairs == 0:
         return cand.fill(scores, add_itc)
     texts = _text_cache(fusion, text_tokens, text_mask, batch_size)
+    extent = texts.extent()  # (Nt,) caption widths without trailing padding
     # pairs are sorted by image: [bounds[j], bounds[j + 1]) are the pairs of image chunk j
     starts = torch.arange(0, n_img + image_batch, image_batch, device=sims.device).clamp(max=n_img)
     bounds = torch.searchsorted(cand.image_index, starts).tolist()
@@ -244,14 +247,17 @@ def rerank_with_cache(
             continue
         b = min(a + image_batch, n_img)
         context = fusion.context_cache(image_tokens[a:b], image_mask[a:b] if image_mask is not None else None)
-        for s in range(lo, hi, batch_size):
-            e = min(s + batch_size, hi)
+        # captions of similar width share a batch, so that trimming their common padding pays
+        width = extent[cand.text_index[lo:hi].to(extent.device)]  # (hi - lo,)
+        order = lo + width.argsort(stable=True).to(sims.device)  # (hi - lo,) pair positions
+        for s in range(0, hi - lo, batch_size):
+            sel = order[s : s + batch_size]  # (n,)
             cls = fusion.forward_cached(
-                texts.index(cand.text_index[s:e]), context.index(cand.image_index[s:e] - a), cls_only=True
+                texts.index(cand.text_index[sel], trim=True), context.index(cand.image_index[sel] - a), cls_only=True
             )  # (n, D)
             out = head(cls)
-            _check_scores(out, e - s, "head")
-            scores[s:e] = out.detach()
+            _check_scores(out, len(sel), "head")
+            scores[sel] = out.detach().to(scores.dtype)
         del context
     return cand.fill(scores, add_itc)
 
