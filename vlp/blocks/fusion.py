@@ -3,6 +3,14 @@
 Both take text (B, Lt, D) and image (B, Li, D) tokens of the same width, with optional (B, L)
 bool masks (True = real token), and return both streams in a :class:`FusionOutput`. Neither
 adds modality-type embeddings: the model adds them to the inputs, as METER does.
+
+Pair scoring (ITM over many (caption, image) pairs) can reuse what does not depend on the
+pair. In :class:`CoAttentionFusion` that is all of layer 0 up to its cross-attention
+queries: each stream's first self-attention and the cross-attention keys/values of the
+other stream's *inputs* (``stream_cache`` / ``forward_cached``), and the last layer can run
+for the first (CLS) row only. In :class:`MergedAttentionFusion` every attention mixes both
+modalities from layer 0 on, so only layer 0's per-token q/k/v projection is pair-independent
+(one linear of ``depth``; not cached).
 """
 
 from __future__ import annotations
@@ -15,6 +23,56 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vlp.blocks.transformer import Transformer, TransformerBlock, drop_path_rates
+
+
+@dataclass
+class StreamCache:
+    """One stream's pair-independent part of :class:`CoAttentionFusion`'s layer 0, per sample.
+
+    ``tokens``: the stream after layer 0's self-attention sublayer; ``keys`` / ``values``:
+    the *other* stream's layer-0 cross-attention keys/values of this stream's input.
+    """
+
+    tokens: Tensor  # (N, L, D)
+    keys: Tensor  # (N, H, L, hd)
+    values: Tensor  # (N, H, L, hd)
+    mask: Tensor | None = None  # (N, L) bool, True at real tokens
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def index(self, rows: Tensor) -> StreamCache:
+        """The cache of samples ``rows`` (n,) (repeats allowed: one row per scored pair)."""
+        rows = rows.to(self.tokens.device)
+        pick = lambda t: t.index_select(0, rows) if t is not None else None  # noqa: E731
+        return StreamCache(pick(self.tokens), pick(self.keys), pick(self.values), pick(self.mask))
+
+
+def self_attention_sublayer(block: TransformerBlock, x: Tensor, mask: Tensor | None, rows: int | None = None) -> Tensor:
+    """``block``'s self-attention sublayer (pre- or post-norm) for the first ``rows`` query
+    rows of ``x`` (all when None), every row a key → (B, rows or L, D)."""
+    attn, dp = block.attn, block.drop_path
+    h = block.norm1(x) if block.pre_norm else x
+    k, v = attn.keys_values(h)  # (B, H, L, hd)
+    q_rows = h if rows is None else h[:, :rows]
+    out = block.ls1(attn.attend(attn.query(q_rows), k, v, key_padding_mask=mask))
+    x = x if rows is None else x[:, :rows]
+    return x + dp(out) if block.pre_norm else block.norm1(x + dp(out))
+
+
+def cross_mlp_sublayers(block: TransformerBlock, x: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None):
+    """``block``'s cross-attention (over precomputed keys/values (B, H, S, hd)) and MLP
+    sublayers, pre- or post-norm → (B, L, D)."""
+    xattn, dp = block.cross_attn, block.drop_path
+
+    def cross(h: Tensor) -> Tensor:
+        return block.ls_cross(xattn.attend(xattn.query(h), keys, values, key_padding_mask=mask))
+
+    if block.pre_norm:
+        x = x + dp(cross(block.norm_cross(x)))
+        return x + dp(block.ls2(block.mlp(block.norm2(x))))
+    x = block.norm_cross(x + dp(cross(x)))
+    return block.norm2(x + dp(block.ls2(block.mlp(x))))
 
 
 @dataclass
@@ -164,4 +222,49 @@ class CoAttentionFusion(nn.Module):
                 run(text_layer, t, mask=text_mask, context=v, context_mask=image_mask),
                 run(image_layer, v, mask=image_mask, context=t, context_mask=text_mask),
             )  # (B, Lt, D), (B, Li, D)
+        return FusionOutput(text_tokens=self.text_norm(t), image_tokens=self.image_norm(v))
+
+    # -- pair scoring with per-caption and per-image work done once ----------------------------
+
+    @torch.no_grad()
+    def stream_cache(self, tokens: Tensor, mask: Tensor | None = None, *, stream: str) -> StreamCache:
+        """Layer 0's pair-independent part for ``stream`` ``"text"`` or ``"image"`` tokens (N, L, D)."""
+        if stream not in ("text", "image"):
+            raise ValueError(f"stream must be 'text' or 'image', got {stream!r}")
+        own, other = (
+            (self.text_layers, self.image_layers) if stream == "text" else (self.image_layers, self.text_layers)
+        )
+        mask = mask.bool() if mask is not None else None
+        keys, values = other[0].cross_attn.keys_values(tokens)  # (N, H, L, hd): what the other stream reads
+        return StreamCache(self_attention_sublayer(own[0], tokens, mask), keys, values, mask)
+
+    @torch.no_grad()
+    def forward_cached(self, text: StreamCache, image: StreamCache, *, cls_only: bool = False) -> FusionOutput:
+        """``forward`` of row-aligned pairs (text row n with image row n) from the caches.
+
+        With ``cls_only`` each stream's last layer runs for its first row only and the
+        output holds (N, 1, D) streams: what a first-token pooler (METER's) reads.
+        """
+        if len(text) != len(image):
+            raise ValueError(f"forward_cached: {len(text)} texts but {len(image)} images; index both per pair")
+        depth = len(self.text_layers)
+        rows = 1 if cls_only and depth == 1 else None
+        t, v = text.tokens[:, :rows], image.tokens[:, :rows]  # after layer 0's self-attention
+        t, v = (
+            cross_mlp_sublayers(self.text_layers[0], t, image.keys, image.values, image.mask),
+            cross_mlp_sublayers(self.image_layers[0], v, text.keys, text.values, text.mask),
+        )
+        for i in range(1, depth):
+            rows = 1 if cls_only and i == depth - 1 else None
+            text_layer, image_layer = self.text_layers[i], self.image_layers[i]
+            kt, vt = text_layer.cross_attn.keys_values(v)  # the text stream reads the image's previous layer
+            ki, vi = image_layer.cross_attn.keys_values(t)
+            t, v = (
+                cross_mlp_sublayers(
+                    text_layer, self_attention_sublayer(text_layer, t, text.mask, rows), kt, vt, image.mask
+                ),
+                cross_mlp_sublayers(
+                    image_layer, self_attention_sublayer(image_layer, v, image.mask, rows), ki, vi, text.mask
+                ),
+            )  # (N, Lt | 1, D), (N, Li | 1, D)
         return FusionOutput(text_tokens=self.text_norm(t), image_tokens=self.image_norm(v))
