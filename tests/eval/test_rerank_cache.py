@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from vlp.blocks.fusion import CoAttentionFusion
 from vlp.encoders import BertFusion
 from vlp.eval import rerank_topk, rerank_with_cache
+from vlp.eval.retrieval import score_all_pairs, score_all_pairs_with_cache
 
 
 def brute_force(sims: torch.Tensor, k_i2t: int, k_t2i: int, fn, add_itc: bool = False):
@@ -142,3 +144,54 @@ def test_cached_rerank_bad_input():
         rerank_with_cache(sims, fusion, image_tokens, text_tokens, text_mask, lambda cls: cls, k=2)
     with pytest.raises(ValueError, match="image_batch must be >= 1"):
         rerank_with_cache(sims, fusion, image_tokens, text_tokens, text_mask, head, k=2, image_batch=0)
+
+
+# -- METER's co-attention fusion, and all-pairs scoring ------------------------------------
+
+
+def coattention_case(n_img: int = 6, n_txt: int = 11):
+    torch.manual_seed(2)
+    fusion = CoAttentionFusion(D, 2, H, mlp_ratio=2.0).eval()
+    linear = torch.nn.Linear(2 * D, 2)
+    head = lambda fused: linear(torch.cat([fused.text_tokens[:, 0], fused.image_tokens[:, 0]], -1))[:, 1]  # noqa: E731
+    g = torch.Generator().manual_seed(4)
+    image_tokens = torch.randn(n_img, LI, D, generator=g)
+    text_tokens = torch.randn(n_txt, LT, D, generator=g)
+    text_mask = torch.arange(LT)[None, :] < torch.randint(1, LT + 1, (n_txt,), generator=g)[:, None]
+    sims = torch.randn(n_img, n_txt, generator=g)
+    return fusion, head, sims, image_tokens, text_tokens, text_mask
+
+
+def test_cached_rerank_and_all_pairs_with_coattention():
+    fusion, head, sims, image_tokens, text_tokens, text_mask = coattention_case()
+
+    def plain(i, t):
+        return head(fusion(text_tokens[t], image_tokens[i], text_mask=text_mask[t]))
+
+    with torch.no_grad():
+        want = rerank_topk(sims, score_fn=plain, k_i2t=3, k_t2i=2)
+        want_all = score_all_pairs(*sims.shape, plain, batch_size=7)
+    got = rerank_with_cache(
+        sims, fusion, image_tokens, text_tokens, text_mask, head, k_i2t=3, k_t2i=2, image_batch=4, batch_size=5
+    )
+    got_all = score_all_pairs_with_cache(
+        fusion, image_tokens, text_tokens, text_mask, head, batch_size=7, image_batch=4
+    )
+    assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert got_all.shape == (6, 11) and got_all.dtype == torch.float32
+    assert_close(got_all, want_all, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_all_pairs_with_bert_fusion():
+    fusion, head, sims, image_tokens, text_tokens, text_mask = tiny_case(4, 7)
+
+    def plain(i, t):
+        return head(fusion(text_tokens[t], mask=text_mask[t], context=image_tokens[i])[:, 0])
+
+    with torch.no_grad():
+        want = score_all_pairs(4, 7, plain, batch_size=5)
+    got = score_all_pairs_with_cache(fusion, image_tokens, text_tokens, text_mask, head, batch_size=5, image_batch=3)
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"text_mask is \(7, 5\), text_tokens \(7, 6, 32\)"):
+        score_all_pairs_with_cache(fusion, image_tokens, text_tokens, text_mask[:, :5], head)

@@ -25,6 +25,13 @@ from torch.utils.checkpoint import checkpoint
 from vlp.blocks.transformer import Transformer, TransformerBlock, drop_path_rates
 
 
+def _extent(mask: Tensor | None, tokens: Tensor) -> Tensor:
+    if mask is None:
+        return torch.full((tokens.shape[0],), tokens.shape[1], device=tokens.device)
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)  # (L,)
+    return (mask * positions).amax(1).clamp(min=1)  # (N,)
+
+
 @dataclass
 class StreamCache:
     """One stream's pair-independent part of :class:`CoAttentionFusion`'s layer 0, per sample.
@@ -41,38 +48,19 @@ class StreamCache:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def index(self, rows: Tensor) -> StreamCache:
-        """The cache of samples ``rows`` (n,) (repeats allowed: one row per scored pair)."""
+    def index(self, rows: Tensor, *, trim: bool = False) -> StreamCache:
+        """The cache of samples ``rows`` (n,) (repeats allowed: one row per scored pair).
+
+        ``trim``: drop trailing positions padded in every selected sample (masked keys
+        everywhere, never the first row: exact for ``forward_cached(cls_only=True)``)."""
         rows = rows.to(self.tokens.device)
-        pick = lambda t: t.index_select(0, rows) if t is not None else None  # noqa: E731
-        return StreamCache(pick(self.tokens), pick(self.keys), pick(self.values), pick(self.mask))
+        width = int(self.extent().index_select(0, rows).max()) if trim and len(rows) else self.tokens.shape[1]
+        pick = lambda t, dim=1: t.narrow(dim, 0, width).index_select(0, rows) if t is not None else None  # noqa: E731
+        return StreamCache(pick(self.tokens), pick(self.keys, 2), pick(self.values, 2), pick(self.mask))
 
-
-def self_attention_sublayer(block: TransformerBlock, x: Tensor, mask: Tensor | None, rows: int | None = None) -> Tensor:
-    """``block``'s self-attention sublayer (pre- or post-norm) for the first ``rows`` query
-    rows of ``x`` (all when None), every row a key → (B, rows or L, D)."""
-    attn, dp = block.attn, block.drop_path
-    h = block.norm1(x) if block.pre_norm else x
-    k, v = attn.keys_values(h)  # (B, H, L, hd)
-    q_rows = h if rows is None else h[:, :rows]
-    out = block.ls1(attn.attend(attn.query(q_rows), k, v, key_padding_mask=mask))
-    x = x if rows is None else x[:, :rows]
-    return x + dp(out) if block.pre_norm else block.norm1(x + dp(out))
-
-
-def cross_mlp_sublayers(block: TransformerBlock, x: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None):
-    """``block``'s cross-attention (over precomputed keys/values (B, H, S, hd)) and MLP
-    sublayers, pre- or post-norm → (B, L, D)."""
-    xattn, dp = block.cross_attn, block.drop_path
-
-    def cross(h: Tensor) -> Tensor:
-        return block.ls_cross(xattn.attend(xattn.query(h), keys, values, key_padding_mask=mask))
-
-    if block.pre_norm:
-        x = x + dp(cross(block.norm_cross(x)))
-        return x + dp(block.ls2(block.mlp(block.norm2(x))))
-    x = block.norm_cross(x + dp(cross(x)))
-    return block.norm2(x + dp(block.ls2(block.mlp(x))))
+    def extent(self) -> Tensor:
+        """(N,) 1 + the last real position of each sample."""
+        return _extent(self.mask, self.tokens)
 
 
 @dataclass
@@ -236,7 +224,15 @@ class CoAttentionFusion(nn.Module):
         )
         mask = mask.bool() if mask is not None else None
         keys, values = other[0].cross_attn.keys_values(tokens)  # (N, H, L, hd): what the other stream reads
-        return StreamCache(self_attention_sublayer(own[0], tokens, mask), keys, values, mask)
+        return StreamCache(own[0].self_attention_sublayer(tokens, mask), keys, values, mask)
+
+    def text_cache(self, text: Tensor, text_mask: Tensor | None = None) -> StreamCache:
+        """``stream_cache`` of captions: the name ``rerank_with_cache`` calls (as on ``BertFusion``)."""
+        return self.stream_cache(text, text_mask, stream="text")
+
+    def context_cache(self, image: Tensor, image_mask: Tensor | None = None) -> StreamCache:
+        """``stream_cache`` of images: the name ``rerank_with_cache`` calls (as on ``BertFusion``)."""
+        return self.stream_cache(image, image_mask, stream="image")
 
     @torch.no_grad()
     def forward_cached(self, text: StreamCache, image: StreamCache, *, cls_only: bool = False) -> FusionOutput:
@@ -251,8 +247,8 @@ class CoAttentionFusion(nn.Module):
         rows = 1 if cls_only and depth == 1 else None
         t, v = text.tokens[:, :rows], image.tokens[:, :rows]  # after layer 0's self-attention
         t, v = (
-            cross_mlp_sublayers(self.text_layers[0], t, image.keys, image.values, image.mask),
-            cross_mlp_sublayers(self.image_layers[0], v, text.keys, text.values, text.mask),
+            self.text_layers[0].cross_mlp_sublayers(t, image.keys, image.values, image.mask),
+            self.image_layers[0].cross_mlp_sublayers(v, text.keys, text.values, text.mask),
         )
         for i in range(1, depth):
             rows = 1 if cls_only and i == depth - 1 else None
@@ -260,11 +256,11 @@ class CoAttentionFusion(nn.Module):
             kt, vt = text_layer.cross_attn.keys_values(v)  # the text stream reads the image's previous layer
             ki, vi = image_layer.cross_attn.keys_values(t)
             t, v = (
-                cross_mlp_sublayers(
-                    text_layer, self_attention_sublayer(text_layer, t, text.mask, rows), kt, vt, image.mask
+                text_layer.cross_mlp_sublayers(
+                    text_layer.self_attention_sublayer(t, text.mask, rows), kt, vt, image.mask
                 ),
-                cross_mlp_sublayers(
-                    image_layer, self_attention_sublayer(image_layer, v, image.mask, rows), ki, vi, text.mask
+                image_layer.cross_mlp_sublayers(
+                    image_layer.self_attention_sublayer(v, image.mask, rows), ki, vi, text.mask
                 ),
             )  # (N, Lt | 1, D), (N, Li | 1, D)
         return FusionOutput(text_tokens=self.text_norm(t), image_tokens=self.image_norm(v))

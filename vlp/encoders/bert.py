@@ -252,10 +252,8 @@ class BertFusion(Transformer):
     @torch.no_grad()
     def text_cache(self, x: Tensor, mask: Tensor | None = None) -> TextCache:
         """Text tokens (N, L, dim) through the first layer's self-attention and its norm."""
-        block = self.blocks[0]
         mask = mask.bool() if mask is not None else None
-        x = block.norm1(x + block.drop_path(block.ls1(block.attn(x, key_padding_mask=mask))))  # (N, L, D)
-        return TextCache(x, mask)
+        return TextCache(self.blocks[0].self_attention_sublayer(x, mask), mask)  # (N, L, D)
 
     @torch.no_grad()
     def forward_cached(self, text: TextCache, context: ContextCache, *, cls_only: bool = False) -> Tensor:
@@ -273,19 +271,12 @@ class BertFusion(Transformer):
         x, mask = text.tokens, text.mask  # (N, L, D), (N, L)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            dp = block.drop_path
+            rows = 1 if cls_only and i == last else None
             if i > 0:
-                attn = block.attn
-                k, v = attn.keys_values(x)  # (N, H, L, hd): every row is a key
-                rows = x[:, :1] if cls_only and i == last else x  # (N, 1 | L, D)
-                out = attn.attend(attn.query(rows), k, v, key_padding_mask=mask)  # (N, 1 | L, D)
-                x = block.norm1(rows + dp(block.ls1(out)))
-            elif cls_only and i == last:  # one layer: its self-attention is in the text cache
-                x = x[:, :1]
-            xattn = block.cross_attn
+                x = block.self_attention_sublayer(x, mask, rows)  # (N, L | 1, D)
+            elif rows:  # one layer: its self-attention is in the text cache
+                x = x[:, :rows]
             k, v, context_mask = context.layer(i)  # (N, H, S, hd) x 2, (N, S)
-            out = xattn.attend(xattn.query(x), k, v, key_padding_mask=context_mask)
-            x = block.norm_cross(x + dp(block.ls_cross(out)))  # (N, 1 | L, D)
-            x = block.norm2(x + dp(block.ls2(block.mlp(x))))  # (N, 1 | L, D)
+            x = block.cross_mlp_sublayers(x, k, v, context_mask)  # (N, L | 1, D)
         x = self.norm(x)  # identity for BERT (post-norm), kept for parity with forward
         return x[:, 0] if cls_only else x  # (N, D) or (N, L, D)

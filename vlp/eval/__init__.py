@@ -9,6 +9,7 @@ from vlp.eval.retrieval import (
     rerank_topk,
     rerank_with_cache,
     retrieval_scores,
+    score_all_pairs_with_cache,
 )
 from vlp.eval.vqa import (
     ClassificationAccuracy,
@@ -38,6 +39,7 @@ __all__ = [
     "rerank_topk",
     "rerank_with_cache",
     "retrieval_scores",
+    "score_all_pairs_with_cache",
     "vqa_accuracy",
     "vqa_answer_score",
     "vqa_soft_scores",

@@ -13,6 +13,7 @@ for ITC+ITM, and ``format_rerank_table`` prints both next to chance.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from math import comb
 
 import torch
@@ -247,31 +248,95 @@ def rerank_with_cache(
             continue
         b = min(a + image_batch, n_img)
         context = fusion.context_cache(image_tokens[a:b], image_mask[a:b] if image_mask is not None else None)
-        # captions of similar width share a batch, so that trimming their common padding pays
-        width = extent[cand.text_index[lo:hi].to(extent.device)]  # (hi - lo,)
-        order = lo + width.argsort(stable=True).to(sims.device)  # (hi - lo,) pair positions
-        for s in range(0, hi - lo, batch_size):
-            sel = order[s : s + batch_size]  # (n,)
-            cls = fusion.forward_cached(
-                texts.index(cand.text_index[sel], trim=True), context.index(cand.image_index[sel] - a), cls_only=True
-            )  # (n, D)
-            out = head(cls)
-            _check_scores(out, len(sel), "head")
-            scores[sel] = out.detach().to(scores.dtype)
+
+        def write(sel: torch.Tensor, out: torch.Tensor, lo: int = lo) -> None:
+            scores[lo + sel.to(scores.device)] = out.to(scores.dtype)
+
+        pair_images, pair_texts = cand.image_index[lo:hi] - a, cand.text_index[lo:hi]
+        _score_cached(fusion, texts, extent, context, pair_images, pair_texts, head, batch_size, write)
         del context
     return cand.fill(scores, add_itc)
 
 
+@torch.no_grad()
+def score_all_pairs_with_cache(
+    fusion: nn.Module,
+    image_tokens: torch.Tensor,
+    text_tokens: torch.Tensor,
+    text_mask: torch.Tensor,
+    head: Callable,
+    *,
+    image_mask: torch.Tensor | None = None,
+    batch_size: int = 256,
+    image_batch: int = 64,
+) -> torch.Tensor:
+    """``score_all_pairs`` (every (image, text) pair; ViLT/METER retrieval) through ``fusion``'s
+    caches, as ``rerank_with_cache`` does: (Ni, Nt) float32 scores on the CPU.
+
+    ``head`` maps ``fusion.forward_cached(..., cls_only=True)`` to (n,) scores: for
+    ``CoAttentionFusion`` a ``FusionOutput`` of (n, 1, D) streams (METER: both poolers,
+    concatenated, then ``ITM.score``); for ``BertFusion`` the fused CLS (n, D).
+    """
+    n_img, n_txt = image_tokens.shape[0], text_tokens.shape[0]
+    if text_mask.shape != text_tokens.shape[:2]:
+        raise ValueError(
+            f"score_all_pairs_with_cache: text_mask is {tuple(text_mask.shape)}, text_tokens {tuple(text_tokens.shape)}"
+        )
+    if batch_size < 1 or image_batch < 1:
+        raise ValueError(f"batch_size and image_batch must be >= 1, got {batch_size} and {image_batch}")
+    out = torch.empty(n_img, n_txt, dtype=torch.float32)  # (Ni, Nt), filled in place
+    if n_img == 0 or n_txt == 0:
+        return out
+    texts = _text_cache(fusion, text_tokens, text_mask, batch_size)
+    extent = texts.extent()  # (Nt,)
+    flat = out.view(-1)
+    for a in range(0, n_img, image_batch):
+        b = min(a + image_batch, n_img)
+        context = fusion.context_cache(image_tokens[a:b], image_mask[a:b] if image_mask is not None else None)
+        local = torch.arange((b - a) * n_txt, device=extent.device)  # (m,) pair i * Nt + t within the chunk
+        pair_images, pair_texts = local // n_txt, local % n_txt
+
+        def write(sel: torch.Tensor, scores: torch.Tensor, a: int = a, local: torch.Tensor = local) -> None:
+            flat[a * n_txt + local[sel].cpu()] = scores.float().cpu()
+
+        _score_cached(fusion, texts, extent, context, pair_images, pair_texts, head, batch_size, write)
+        del context
+    return out
+
+
+def _score_cached(fusion, texts, extent, context, pair_images, pair_texts, head, batch_size, write) -> None:
+    """Score pairs (context row ``pair_images[n]``, caption ``pair_texts[n]``) in batches of
+    captions of similar width, each trimmed of its shared padding; ``write(sel, scores)``
+    stores the scores of positions ``sel``."""
+    order = extent[pair_texts.to(extent.device)].argsort(stable=True)  # (m,) by caption width
+    for s in range(0, len(order), batch_size):
+        sel = order[s : s + batch_size]  # (n,)
+        fused = fusion.forward_cached(
+            texts.index(pair_texts[sel.to(pair_texts.device)], trim=True),
+            context.index(pair_images[sel.to(pair_images.device)]),
+            cls_only=True,
+        )
+        scores = head(fused)
+        _check_scores(scores, len(sel), "head")
+        write(sel, scores.detach())
+
+
 def _text_cache(fusion: nn.Module, text_tokens: torch.Tensor, text_mask: torch.Tensor, batch_size: int):
-    """``fusion.text_cache`` of all captions, computed ``batch_size`` at a time into one tensor."""
+    """``fusion.text_cache`` of all captions, ``batch_size`` at a time, into preallocated tensors
+    (every tensor field of the cache dataclass has captions on dim 0)."""
     first = fusion.text_cache(text_tokens[:batch_size], text_mask[:batch_size])
-    tokens = first.tokens.new_empty((len(text_tokens), *first.tokens.shape[1:]))  # (Nt, Lt, D)
-    tokens[: len(first)] = first.tokens
+    full = {}
+    for f in fields(first):
+        t = getattr(first, f.name)
+        full[f.name] = t.new_empty((len(text_tokens), *t.shape[1:])) if isinstance(t, torch.Tensor) else t
+        if isinstance(t, torch.Tensor):
+            full[f.name][: len(t)] = t
     for s in range(batch_size, len(text_tokens), batch_size):
-        tokens[s : s + batch_size] = fusion.text_cache(
-            text_tokens[s : s + batch_size], text_mask[s : s + batch_size]
-        ).tokens
-    return type(first)(tokens, text_mask.bool())
+        part = fusion.text_cache(text_tokens[s : s + batch_size], text_mask[s : s + batch_size])
+        for name, t in full.items():
+            if isinstance(t, torch.Tensor):
+                t[s : s + batch_size] = getattr(part, name)
+    return type(first)(**full)
 
 
 def _check_scores(out: torch.Tensor, n: int, what: str) -> None:
