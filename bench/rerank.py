@@ -162,39 +162,39 @@ def max_diff(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.
     return worst
 
 
-def measure(args) -> list[dict]:
-    """Rows ``{k, pairs, plain_s, cached_s, plain_mib, cached_mib, diff}``, one per k."""
-    rows = []
+def measure(args):
+    """Yield ``{k, pairs, plain_s, cached_s, plain_mib, cached_mib, diff}``, one per k."""
     for k in [int(x) for x in str(args.ks).split(",")]:
         plain, cached = _in_subprocess("plain", k, args), _in_subprocess("cached", k, args)
         pairs = int((torch.isfinite(plain["i2t"]) | torch.isfinite(plain["t2i"]).T).sum())  # distinct fused pairs
-        rows.append(
-            {
-                "k": k,
-                "pairs": pairs,
-                "plain_s": plain["seconds"],
-                "cached_s": cached["seconds"],
-                "plain_mib": plain["mib"],
-                "cached_mib": cached["mib"],
-                "diff": max_diff((plain["i2t"], plain["t2i"]), (cached["i2t"], cached["t2i"])),
-            }
-        )
-    return rows
+        yield {
+            "k": k,
+            "pairs": pairs,
+            "plain_s": plain["seconds"],
+            "cached_s": cached["seconds"],
+            "plain_mib": plain["mib"],
+            "cached_mib": cached["mib"],
+            "diff": max_diff((plain["i2t"], plain["t2i"]), (cached["i2t"], cached["t2i"])),
+        }
 
 
-def show(rows: list[dict], args) -> None:
+def show(rows, args) -> None:
+    """Print the table, each row as soon as it is measured."""
     print(
         f"\nITM re-ranking, {args.images} images x {args.texts} captions, fusion dim {DIM} depth {DEPTH} "
         f"heads {HEADS}, {IMAGE_TOKENS} image / {TEXT_TOKENS} text tokens, batch {args.batch_size}, fp32"
     )
-    mem = "peak CUDA MiB" if str(args.device).startswith("cuda") else "peak RSS growth MiB"
+    mem = "CUDA peak MiB" if str(args.device).startswith("cuda") else "RSS growth MiB"
     print(
-        f"  {'k':>4} {'pairs':>8} {'plain s':>9} {'cached s':>9} {'plain/cached':>13} {mem + ' plain/cached':>32} {'max |diff|':>11}"
+        f"  {'k':>4} {'pairs':>7} {'plain s':>9} {'cached s':>9} {'plain/cached':>13} "
+        f"{mem + ' plain':>22} {'cached':>7} {'max |diff|':>11}",
+        flush=True,
     )
     for r in rows:
         print(
-            f"  {r['k']:4d} {r['pairs']:8d} {r['plain_s']:9.2f} {r['cached_s']:9.2f} {r['plain_s'] / r['cached_s']:13.2f} "
-            f"{r['plain_mib']:24.0f} /{r['cached_mib']:6.0f} {r['diff']:11.2e}"
+            f"  {r['k']:4d} {r['pairs']:7d} {r['plain_s']:9.2f} {r['cached_s']:9.2f} "
+            f"{r['plain_s'] / r['cached_s']:13.2f} {r['plain_mib']:22.0f} {r['cached_mib']:7.0f} {r['diff']:11.2e}",
+            flush=True,
         )
     print("  pairs: distinct (image, caption) pairs fused (a pair in the top-k of both directions once)")
 
@@ -238,8 +238,9 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(args.threads)
         torch.save(run_case(args.child, int(args.ks), args.images, args.texts, args.batch_size, device), args.out)
         return
-    print(machine_line(device))
+    print(machine_line(device), flush=True)
     show(measure(args), args)
+    print(f"  fp32 GEMM after the runs: {gemm_gflops(device):.0f} GFLOP/s (a shared machine's load changes)")
 
 
 if __name__ == "__main__":
