@@ -121,9 +121,12 @@ class TransformerBlock(nn.Module):
         (all when None), every row a key → (B, rows or L, D)."""
         attn, dp = self.attn, self.drop_path
         h = self.norm1(x) if self.pre_norm else x
-        k, v = attn.keys_values(h)  # (B, H, L, hd)
-        out = self.ls1(attn.attend(attn.query(h if rows is None else h[:, :rows]), k, v, key_padding_mask=mask))
-        x = x if rows is None else x[:, :rows]
+        if rows is None:  # every row: the fused qkv projection
+            out = self.ls1(attn(h, key_padding_mask=mask))
+        else:
+            k, v = attn.keys_values(h)  # (B, H, L, hd)
+            out = self.ls1(attn.attend(attn.query(h[:, :rows]), k, v, key_padding_mask=mask))
+            x = x[:, :rows]
         return x + dp(out) if self.pre_norm else self.norm1(x + dp(out))
 
     def cross_mlp_sublayers(

@@ -190,7 +190,7 @@ def rerank_with_cache(
     image_tokens: torch.Tensor,
     text_tokens: torch.Tensor,
     text_mask: torch.Tensor,
-    head: Callable[[torch.Tensor], torch.Tensor],
+    head: Callable,
     *,
     k: int | None = None,
     k_i2t: int | None = None,
@@ -202,10 +202,10 @@ def rerank_with_cache(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``rerank_topk`` for a cross-attention fusion, doing per-image and per-caption work once.
 
-    Scores the same candidate pairs as ``rerank_topk`` with
+    Scores the same candidate pairs as ``rerank_topk`` with (for ``BertFusion``)
     ``score_fn(i, t) = head(fusion(text_tokens[t], mask=text_mask[t], context=image_tokens[i])[:, 0])``
     and returns the same matrices (to float tolerance), but through ``fusion``'s caches
-    (``BertFusion.text_cache`` / ``context_cache`` / ``forward_cached``): each caption's
+    (``text_cache`` / ``context_cache`` / ``forward_cached``): each caption's
     first self-attention is computed once, each image's cross-attention keys/values once
     per layer, and the last layer runs for the CLS row only. Pairs come sorted by image, so
     images are cached ``image_batch`` at a time and dropped after their pairs are scored;
@@ -214,11 +214,14 @@ def rerank_with_cache(
 
     Args:
         sims: (Ni, Nt) ITC similarities.
-        fusion: a module with ``text_cache``, ``context_cache`` and ``forward_cached``
-            (``vlp.encoders.BertFusion``; ALBEF's ``model.fusion``).
+        fusion: a module with ``text_cache``, ``context_cache`` and ``forward_cached``:
+            ``vlp.encoders.BertFusion`` (ALBEF's ``model.fusion``) or
+            ``vlp.blocks.CoAttentionFusion`` (METER's).
         image_tokens: (Ni, Li, Dv) image tokens, row i for row i of ``sims``.
         text_tokens: (Nt, Lt, D) unimodal text tokens; text_mask: (Nt, Lt), True at real tokens.
-        head: fused CLS tokens (n, D) → scores (n,), e.g. ``ITM.score``.
+        head: ``forward_cached(..., cls_only=True)`` → scores (n,): for ``BertFusion`` the
+            fused CLS (n, D), e.g. ``ITM.score``; for ``CoAttentionFusion`` a ``FusionOutput``
+            of (n, 1, D) streams (METER: both poolers, concatenated, then ``ITM.score``).
         k / k_i2t / k_t2i / batch_size / add_itc: as in ``rerank_topk``.
         image_mask: (Ni, Li) bool, True at real image tokens, or None (all real).
         image_batch: images whose caches are held at once.
