@@ -2,6 +2,7 @@
 
     python bench/rerank.py                          # 200 images x 1000 captions, k = 4, 16, 64
     python bench/rerank.py --ks 4,16 --images 100 --texts 500
+    python bench/rerank.py --threads 1              # on a machine shared with other jobs
     python bench/run.py --only rerank               # the same cases in make bench's table
 
 plain: ``rerank_topk`` with a scorer that runs the whole fusion per (image, caption) pair,
@@ -230,12 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="pairs per fusion call (ALBEF's default)")
     p.add_argument("--child", choices=("plain", "cached"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 on a machine shared with other jobs")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
-        if args.threads:
-            torch.set_num_threads(args.threads)
         torch.save(run_case(args.child, int(args.ks), args.images, args.texts, args.batch_size, device), args.out)
         return
     print(machine_line(device), flush=True)
