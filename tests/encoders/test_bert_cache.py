@@ -92,9 +92,11 @@ def test_trimmed_text_cache_gives_the_same_cls():
     tc, cc = f.text_cache(text, mask), f.context_cache(images)
     assert tc.extent().tolist() == [6, 3, 1, 4]
     t, i = torch.tensor([1, 3, 2]), torch.tensor([0, 2, 1])
-    trimmed = tc.index(t, trim=True)
+    trimmed = tc.index(t, trim=True, multiple=1)
     assert trimmed.tokens.shape == (3, 4, D) and trimmed.mask.shape == (3, 4)  # widest selected: 4
-    assert tc.index(torch.tensor([0, 1]), trim=True).tokens.shape[1] == LT  # nothing to trim
+    assert tc.index(t, trim=True, multiple=3).tokens.shape[1] == 6  # rounded up to a multiple of 3
+    assert tc.index(t, trim=True).tokens.shape[1] == LT  # rounded up to 8, capped at LT
+    assert tc.index(torch.tensor([0, 1]), trim=True, multiple=1).tokens.shape[1] == LT  # nothing to trim
     with torch.no_grad():
         plain = f(text[t], mask=mask[t], context=images[i])[:, 0]
         got = f.forward_cached(trimmed, cc.index(i), cls_only=True)

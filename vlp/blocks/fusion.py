@@ -48,13 +48,16 @@ class StreamCache:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def index(self, rows: Tensor, *, trim: bool = False) -> StreamCache:
+    def index(self, rows: Tensor, *, trim: bool = False, multiple: int = 8) -> StreamCache:
         """The cache of samples ``rows`` (n,) (repeats allowed: one row per scored pair).
 
         ``trim``: drop trailing positions padded in every selected sample (masked keys
-        everywhere, never the first row: exact for ``forward_cached(cls_only=True)``)."""
+        everywhere, never the first row: exact for ``forward_cached(cls_only=True)``),
+        keeping a width that is a multiple of ``multiple``."""
         rows = rows.to(self.tokens.device)
-        width = int(self.extent().index_select(0, rows).max()) if trim and len(rows) else self.tokens.shape[1]
+        width = self.tokens.shape[1]
+        if trim and len(rows):
+            width = min(width, -(-int(self.extent().index_select(0, rows).max()) // multiple) * multiple)
         pick = lambda t, dim=1: t.narrow(dim, 0, width).index_select(0, rows) if t is not None else None  # noqa: E731
         return StreamCache(pick(self.tokens), pick(self.keys, 2), pick(self.values, 2), pick(self.mask))
 

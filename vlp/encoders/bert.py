@@ -134,19 +134,20 @@ class TextCache:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def index(self, rows: Tensor, *, trim: bool = False) -> TextCache:
+    def index(self, rows: Tensor, *, trim: bool = False, multiple: int = 8) -> TextCache:
         """The cache of captions ``rows`` (n,).
 
-        ``trim``: drop the trailing positions that are padding in every selected caption.
-        They are masked keys in every later layer and their own outputs are not the CLS, so
-        ``forward_cached(..., cls_only=True)`` gives the same result on fewer rows; a batch of
-        short captions then costs what short captions cost.
+        ``trim``: drop the trailing positions that are padding in every selected caption,
+        keeping a width that is a multiple of ``multiple`` (few distinct shapes, so the
+        allocator reuses its blocks). They are masked keys in every later layer and their
+        own outputs are not the CLS, so ``forward_cached(..., cls_only=True)`` gives the same
+        result on fewer rows; a batch of short captions then costs what short captions cost.
         """
         rows = rows.to(self.tokens.device)
         mask = self.mask.index_select(0, rows) if self.mask is not None else None
         if trim and mask is not None:
             real = mask.any(0).nonzero()  # (m, 1) positions real in some selected caption
-            width = int(real.max()) + 1 if len(real) else 1
+            width = -(-(int(real.max()) + 1 if len(real) else 1) // multiple) * multiple
             if width < mask.shape[1]:
                 return TextCache(self.tokens[:, :width].index_select(0, rows), mask[:, :width])
         return TextCache(self.tokens.index_select(0, rows), mask)
