@@ -77,7 +77,7 @@ def test_k_arguments_are_checked():
 
 # -- the cached BertFusion path ------------------------------------------------------------
 
-D, H, DV, LT, LI = 32, 4, 24, 6, 5
+D, H, DV, LT, LI = 32, 4, 24, 19, 5  # LT > 16: batches of short captions are trimmed to 8 or 16
 
 
 def tiny_case(n_img: int = 9, n_txt: int = 20):
@@ -102,6 +102,13 @@ def test_cached_rerank_equals_plain_fusion(k_i2t, k_t2i, image_batch, batch_size
 
     with torch.no_grad():
         want = rerank_topk(sims, score_fn=plain, k_i2t=k_i2t, k_t2i=k_t2i)
+    widths, forward_cached = [], fusion.forward_cached
+
+    def spy(text, context, **kwargs):  # record the caption width of every batch
+        widths.append(text.tokens.shape[1])
+        return forward_cached(text, context, **kwargs)
+
+    fusion.forward_cached = spy
     got = rerank_with_cache(
         sims,
         fusion,
@@ -116,6 +123,9 @@ def test_cached_rerank_equals_plain_fusion(k_i2t, k_t2i, image_batch, batch_size
     )
     assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert set(widths) <= {8, 16, LT}  # trimmed widths are multiples of 8
+    if batch_size <= 5:  # small batches of sorted captions: some hold only short ones
+        assert min(widths) < LT
 
 
 def test_cached_rerank_with_image_mask_and_add_itc():
@@ -193,5 +203,5 @@ def test_cached_all_pairs_with_bert_fusion():
         want = score_all_pairs(4, 7, plain, batch_size=5)
     got = score_all_pairs_with_cache(fusion, image_tokens, text_tokens, text_mask, head, batch_size=5, image_batch=3)
     assert_close(got, want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match=r"text_mask is \(7, 5\), text_tokens \(7, 6, 32\)"):
+    with pytest.raises(ValueError, match=r"text_mask is \(7, 5\), text_tokens \(7, 19, 32\)"):
         score_all_pairs_with_cache(fusion, image_tokens, text_tokens, text_mask[:, :5], head)
