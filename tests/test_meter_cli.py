@@ -6,13 +6,16 @@ retrieval recipe keeps its ITM head."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from helpers import run_in, shrink_recipe
+from webdataset import tariterators
 
+from vlp.data.manifest import expand_urls, load_manifest
 from vlp.data.synth import write_shapes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +50,29 @@ def small(recipe: str, root: Path, **data) -> dict:
     return cfg
 
 
+def majority_baseline(shapes: Path) -> dict[str, float]:
+    """VQA accuracy (percent, by question type and overall) on this test's own test split of
+    answering each question type with its most common train answer, read from the shards;
+    a question scores min(#annotators who gave that answer / 3, 1), as VQA accuracy does."""
+    manifest = load_manifest(shapes / "manifests" / "shapes_vqa.yaml")
+
+    def rows(split: str) -> list[tuple[str, list[str]]]:
+        urls = expand_urls(manifest.split(split).urls)
+        samples = (json.loads(s["json"]) for s in tariterators.tarfile_samples([{"url": u} for u in urls]))
+        return [(j["question_type"], j["answers"]) for j in samples]
+
+    counts: dict[str, Counter] = {}
+    for qtype, answers in rows("train"):
+        counts.setdefault(qtype, Counter()).update(answers)
+    guess = {qtype: c.most_common(1)[0][0] for qtype, c in counts.items()}
+    scores: dict[str, list[float]] = {}
+    for qtype, answers in rows("test"):
+        score = min(answers.count(guess.get(qtype)) / 3, 1.0)
+        scores.setdefault(qtype, []).append(score)
+        scores.setdefault("overall", []).append(score)
+    return {qtype: 100 * sum(v) / len(v) for qtype, v in scores.items()}
+
+
 @pytest.fixture(scope="module")
 def pretrained(workdir) -> Path:
     pre = small("recipes/tiny/meter.yaml", workdir)
@@ -62,6 +88,10 @@ def test_pretrain_then_vqa_fine_tune_then_test(workdir, pretrained, capsys):
 
     ft = small("recipes/finetune/tiny_meter_vqa.yaml", workdir)
     ft["model"]["init_args"]["init_from"] = str(ckpt)
+    # the recipe's baseline is the default 20,000-sample benchmark's; this run's data is smaller
+    baseline = majority_baseline(workdir / "shapes")
+    (vqa,) = [o for o in ft["model"]["init_args"]["objectives"] if o["class_path"].endswith("VQA")]
+    vqa["init_args"]["baseline"] = baseline
     (workdir / "ft.yaml").write_text(yaml.safe_dump(ft, sort_keys=False))
     fit = run_in(workdir / "ft", ["fit", "--config", str(workdir / "ft.yaml")])
     # the towers and the fusion came from the pretraining checkpoint, then trained on VQA
@@ -76,7 +106,11 @@ def test_pretrain_then_vqa_fine_tune_then_test(workdir, pretrained, capsys):
         assert qtype in out
     results = test.model.results["test"]
     assert results["task"] == "vqa" and set(results["scores"]) >= {"overall", "color", "count", "exist", "spatial"}
-    assert results["chance"]["overall"] == pytest.approx(31.2)
+    assert results["chance"] == pytest.approx(baseline)
+    assert 0 < baseline["overall"] < 100
+    for qtype in ("overall", "color", "count", "exist", "spatial"):  # printed beside each row
+        row = next(line for line in out.splitlines() if line.startswith(qtype + " "))
+        assert row.split()[-1] == f"{baseline[qtype]:.2f}", row
     record = json.loads(sorted((workdir / "ft").rglob("test_results.json"))[-1].read_text())
     assert record["model"] == "METER" and record["results"]["test"]["scores"] == pytest.approx(results["scores"])
     # the fine-tuned weights are the ones tested, and differ from the pretraining ones

@@ -1,5 +1,6 @@
-"""The folder converter on real photos (Flickr8k, ImageNet samples under /work/shared/data)
-and on broken input: what goes in comes out, and what is skipped is named."""
+"""The folder converter on real photos (Flickr8k, ImageNet samples under ``../shared/data``
+or ``$VLP_SHARED_DATA``: see ``helpers.shared_data_dir``; skipped where absent, failed
+under ``CI``) and on broken input: what goes in comes out, and what is skipped is named."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from helpers import shared_data_dir
 from PIL import Image
 from webdataset import tariterators
 
@@ -18,10 +20,15 @@ from vlp.data.convert import ShardSink, convert_folder, read_captions
 from vlp.data.manifest import expand_urls, load_manifest
 from vlp.errors import ConfigError, DataError
 
-DATA = Path("/work/shared/data")
-FLICKR, IMAGENET = DATA / "flickr8k_1k", DATA / "imagenet_sample_1k"
-needs_flickr = pytest.mark.skipif(not FLICKR.is_dir(), reason=f"real photos not found: {FLICKR}")
-needs_imagenet = pytest.mark.skipif(not IMAGENET.is_dir(), reason=f"real photos not found: {IMAGENET}")
+
+@pytest.fixture
+def flickr() -> Path:
+    return shared_data_dir("flickr8k_1k")
+
+
+@pytest.fixture
+def imagenet() -> Path:
+    return shared_data_dir("imagenet_sample_1k")
 
 
 def _read(manifest, split: str = "train") -> list[dict]:
@@ -43,15 +50,14 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@needs_flickr
-def test_flickr_csv_gives_a_retrieval_split(tmp_path):
-    full = read_captions(FLICKR / "captions.csv")
+def test_flickr_csv_gives_a_retrieval_split(flickr, tmp_path):
+    full = read_captions(flickr / "captions.csv")
     assert len(full) == 1000 and {len(c) for c in full.values()} == {5}
-    assert read_captions(FLICKR / "captions.json") == full
-    with open(FLICKR / "captions.csv", newline="") as f:
+    assert read_captions(flickr / "captions.json") == full
+    with open(flickr / "captions.csv", newline="") as f:
         rows = list(csv.DictReader(f))[:250]  # 50 images x 5 captions
     csv_path = _write_csv(tmp_path / "caps.csv", rows[::-1])  # caption_index restores the order
-    manifest = convert_folder(FLICKR / "images", tmp_path / "out", captions=csv_path, samples_per_shard=20)
+    manifest = convert_folder(flickr / "images", tmp_path / "out", captions=csv_path, samples_per_shard=20)
     assert manifest.modality == "retrieval" and manifest.split("train").num_samples == 50
     assert len(expand_urls(manifest.split("train").urls)) == 3
     assert load_manifest(tmp_path / "out" / "manifest.yaml").split("train") == manifest.split("train")
@@ -61,16 +67,15 @@ def test_flickr_csv_gives_a_retrieval_split(tmp_path):
         meta = s["json"]
         assert meta["image"] == images[meta["image_id"]]
         assert meta["captions"] == [" ".join(c.split()) for c in full[meta["image"]]]
-        assert s["jpg"] == (FLICKR / "images" / meta["image"]).read_bytes()  # JPEG kept as is
+        assert s["jpg"] == (flickr / "images" / meta["image"]).read_bytes()  # JPEG kept as is
     assert manifest.extra["converted"]["train"]["skipped"]["count"] == 0
 
 
-@needs_flickr
-def test_flickr_json_as_pairs_resized(tmp_path):
-    entries = json.loads((FLICKR / "captions.json").read_text())[:8]
+def test_flickr_json_as_pairs_resized(flickr, tmp_path):
+    entries = json.loads((flickr / "captions.json").read_text())[:8]
     (tmp_path / "caps.json").write_text(json.dumps(entries))
     manifest = convert_folder(
-        FLICKR / "images",
+        flickr / "images",
         tmp_path / "out",
         captions=tmp_path / "caps.json",
         modality="pair",
@@ -92,18 +97,17 @@ def test_flickr_json_as_pairs_resized(tmp_path):
         assert img.size[0] / img.size[1] == pytest.approx(ratio, rel=0.02)
 
 
-@needs_imagenet
-def test_imagenet_labels_give_an_image_split(tmp_path):
-    with open(IMAGENET / "labels.csv", newline="") as f:
+def test_imagenet_labels_give_an_image_split(imagenet, tmp_path):
+    with open(imagenet / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))[::25]  # 40 classes
     csv_path = _write_csv(tmp_path / "labels.csv", rows)
     manifest = convert_folder(
-        IMAGENET / "images",
+        imagenet / "images",
         tmp_path / "out",
         labels=csv_path,
-        classnames=IMAGENET / "classnames_templates.json",
+        classnames=imagenet / "classnames_templates.json",
     )
-    names = json.loads((IMAGENET / "classnames_templates.json").read_text())["classnames"]
+    names = json.loads((imagenet / "classnames_templates.json").read_text())["classnames"]
     assert manifest.modality == "image" and manifest.split("train").num_samples == 40
     saved = json.loads((tmp_path / "out" / "classes.json").read_text())
     assert saved["classnames"] == names and "a photo of a {}." in saved["templates"]
@@ -113,11 +117,12 @@ def test_imagenet_labels_give_an_image_split(tmp_path):
         assert int(s["cls"]) == int(row["label"])
         assert s["json"]["label_name"] == names[int(row["label"])] == row["clip_classname"]
         assert s["json"]["wnid"] == row["wnid"]
-        assert s["jpg"] == (IMAGENET / "images" / row["image"]).read_bytes()
+        assert s["jpg"] == (imagenet / "images" / row["image"]).read_bytes()
 
 
 def _photo() -> Image.Image:
-    photos = sorted((FLICKR / "images").glob("*.jpg"))[:1] if FLICKR.is_dir() else []
+    folder = shared_data_dir("flickr8k_1k", required=False)  # a real photo where there is one
+    photos = sorted((folder / "images").glob("*.jpg"))[:1] if folder is not None else []
     if photos:
         return Image.open(photos[0]).convert("RGB")
     return Image.linear_gradient("L").resize((300, 211)).convert("RGB")

@@ -122,24 +122,64 @@ class Attention(nn.Module):
         if self.is_cross:
             if context is None:
                 raise ValueError("cross-attention (context_dim set) needs a `context` tensor")
-            S = context.shape[1]
-            q = self.q(x).reshape(B, L, H, hd).transpose(1, 2)  # (B, H, L, hd)
-            kv = self.kv(context).reshape(B, S, 2, H, hd).permute(2, 0, 3, 1, 4)  # (2, B, H, S, hd)
-            k, v = kv.unbind(0)  # (B, H, S, hd) each
+            q = self.query(x)  # (B, H, L, hd)
+            k, v = self.keys_values(context)  # (B, H, S, hd) each
         else:
             if context is not None:
                 raise ValueError("self-attention got a `context`; build it with context_dim")
-            S = L
             qkv = self.qkv(x).reshape(B, L, 3, H, hd).permute(2, 0, 3, 1, 4)  # (3, B, H, L, hd)
             q, k, v = qkv.unbind(0)  # (B, H, L, hd) each
-        q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.attend(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal)
 
+    # The three steps of ``forward``, public so that callers can cache the keys and values of
+    # a context that many queries attend to (ITM re-ranking: each image's cross-attention
+    # keys/values once, not once per caption) or run only some query rows (a CLS token).
+
+    def query(self, x: Tensor) -> Tensor:
+        """Queries of ``x`` (B, L, D) → (B, H, L, hd), q-normed."""
+        B, L, _ = x.shape
+        if self.is_cross:
+            q = self.q(x)
+        else:
+            D = self.num_heads * self.head_dim
+            bias = self.qkv.bias[:D] if self.qkv.bias is not None else None
+            q = F.linear(x, self.qkv.weight[:D], bias)  # the q rows of the fused qkv
+        return self.q_norm(q.reshape(B, L, self.num_heads, self.head_dim).transpose(1, 2))
+
+    def keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of ``source`` (B, S, D or context_dim) → two (B, H, S, hd), k-normed.
+
+        ``source`` is the context for cross-attention and ``x`` itself for self-attention."""
+        B, S, _ = source.shape
+        if self.is_cross:
+            kv = self.kv(source)
+        else:
+            D = self.num_heads * self.head_dim
+            bias = self.qkv.bias[D:] if self.qkv.bias is not None else None
+            kv = F.linear(source, self.qkv.weight[D:], bias)  # the k | v rows of the fused qkv
+        k, v = kv.reshape(B, S, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.k_norm(k), v  # (B, H, S, hd) each
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        """Attention of queries (B, H, L, hd) over keys/values (B, H, S, hd), then the output
+        projection → (B, L, D). ``key_padding_mask`` is (B, S), True at real keys."""
+        B, H, L, hd = q.shape
         mask = merge_masks(
             key_padding_mask=key_padding_mask,
             attn_mask=attn_mask,
             is_causal=is_causal,
             q_len=L,
-            k_len=S,
+            k_len=k.shape[2],
             dtype=q.dtype,
             device=q.device,
         )
@@ -152,7 +192,7 @@ class Attention(nn.Module):
             dropout_p=self.attn_drop if self.training else 0.0,
             is_causal=is_causal and mask is None,
         )  # (B, H, L, hd)
-        out = out.transpose(1, 2).reshape(B, L, D)  # (B, L, D)
+        out = out.transpose(1, 2).reshape(B, L, H * hd)  # (B, L, D)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:

@@ -113,6 +113,39 @@ class TransformerBlock(nn.Module):
             x = self.norm2(x + dp(self.ls2(self.mlp(x))))  # (B, L, D)
         return x
 
+    # The sublayers of ``forward``, for callers that cache what does not change between
+    # calls (pair scoring: a context's cross-attention keys/values, reused for many queries).
+
+    def self_attention_sublayer(self, x: Tensor, mask: Tensor | None = None, rows: int | None = None) -> Tensor:
+        """The self-attention sublayer for the first ``rows`` query rows of ``x`` (B, L, D)
+        (all when None), every row a key → (B, rows or L, D)."""
+        attn, dp = self.attn, self.drop_path
+        h = self.norm1(x) if self.pre_norm else x
+        if rows is None:  # every row: the fused qkv projection
+            out = self.ls1(attn(h, key_padding_mask=mask))
+        else:
+            k, v = attn.keys_values(h)  # (B, H, L, hd)
+            out = self.ls1(attn.attend(attn.query(h[:, :rows]), k, v, key_padding_mask=mask))
+            x = x[:, :rows]
+        return x + dp(out) if self.pre_norm else self.norm1(x + dp(out))
+
+    def cross_mlp_sublayers(
+        self, x: Tensor, keys: Tensor, values: Tensor, context_mask: Tensor | None = None
+    ) -> Tensor:
+        """Cross-attention over precomputed context keys/values (B, H, S, hd), then the MLP → (B, L, D)."""
+        if self.cross_attn is None:
+            raise ValueError("TransformerBlock has no cross-attention; build it with cross_attention=True")
+        xattn, dp = self.cross_attn, self.drop_path
+
+        def cross(h: Tensor) -> Tensor:
+            return self.ls_cross(xattn.attend(xattn.query(h), keys, values, key_padding_mask=context_mask))
+
+        if self.pre_norm:
+            x = x + dp(cross(self.norm_cross(x)))  # (B, L, D)
+            return x + dp(self.ls2(self.mlp(self.norm2(x))))
+        x = self.norm_cross(x + dp(cross(x)))  # (B, L, D)
+        return self.norm2(x + dp(self.ls2(self.mlp(x))))
+
 
 def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
     """Stochastic depth rising linearly from 0 at the first block to the rate at the last."""

@@ -7,7 +7,9 @@ from vlp.eval.retrieval import (
     format_table,
     recall_at_k,
     rerank_topk,
+    rerank_with_cache,
     retrieval_scores,
+    score_all_pairs_with_cache,
 )
 from vlp.eval.vqa import (
     ClassificationAccuracy,
@@ -35,7 +37,9 @@ __all__ = [
     "normalize_answer",
     "recall_at_k",
     "rerank_topk",
+    "rerank_with_cache",
     "retrieval_scores",
+    "score_all_pairs_with_cache",
     "vqa_accuracy",
     "vqa_answer_score",
     "vqa_soft_scores",

@@ -13,10 +13,12 @@ for ITC+ITM, and ``format_rerank_table`` prints both next to chance.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from math import comb
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics import Metric
 
 KS = (1, 5, 10)
@@ -129,16 +131,18 @@ def format_table(results: dict[str, float], chance: dict[str, float] | None = No
 @torch.no_grad()
 def rerank_topk(
     sims: torch.Tensor,
-    k: int,
-    score_fn: PairScoreFn,
+    k: int | None = None,
+    score_fn: PairScoreFn | None = None,
     *,
+    k_i2t: int | None = None,
+    k_t2i: int | None = None,
     batch_size: int = 128,
     add_itc: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-rank every query's ITC top-k candidates with a pair scorer (ALBEF evaluation).
 
-    For each image the ``k`` texts with the highest ITC similarity, and for each text the
-    ``k`` highest images, are scored by ``score_fn`` (typically the ITM head's match
+    For each image the ``k_i2t`` texts with the highest ITC similarity, and for each text the
+    ``k_t2i`` highest images, are scored by ``score_fn`` (typically the ITM head's match
     probability on the fused pair). A candidate's final score is its ``score_fn`` value, plus
     its ITC similarity when ``add_itc``; candidates outside the query's top-k score ``-inf``
     so they rank after all re-ranked ones (``retrieval_scores`` orders them among themselves
@@ -147,55 +151,251 @@ def rerank_topk(
     A pair that is in the top-k of both its image and its text is scored once, not twice:
     the candidate pairs of both directions are de-duplicated (``unique`` over ``i * Nt + t``)
     before scoring, which roughly halves the ITM cost on a good ITC model, where most
-    top-k pairs are shared by the two directions.
+    top-k pairs are shared by the two directions. Memory stays flat over the run: the
+    scores of all distinct pairs go into one preallocated tensor, chunk by chunk.
+
+    For a ``BertFusion`` model, :func:`rerank_with_cache` gives the same scores faster.
 
     Args:
         sims: (Ni, Nt) ITC similarities, image rows, text columns.
-        k: candidates re-ranked per query; clipped to Nt (image→text) and Ni (text→image).
+        k: candidates re-ranked per query in both directions; clipped to Nt (image→text)
+            and Ni (text→image).
         score_fn: ``score_fn(image_index (n,), text_index (n,)) -> (n,)``; it closes over the
             caller's cached image/text tokens. Called under ``torch.no_grad`` on chunks of at
-            most ``batch_size`` pairs, indices on ``sims.device``.
+            most ``batch_size`` pairs, indices on ``sims.device``, sorted by image.
+        k_i2t / k_t2i: candidates per image / per text, instead of ``k`` (default ``k``);
+            0 leaves that direction un-re-ranked (all ``-inf``: ITC order).
         batch_size: pairs per ``score_fn`` call.
         add_itc: final score = ``score_fn`` + ITC similarity instead of ``score_fn`` alone.
     Returns:
         ``(i2t, t2i)``: (Ni, Nt) image→text and (Nt, Ni) text→image scores, ``-inf`` outside
         the top-k, in at least float32.
     """
+    if score_fn is None:
+        raise ValueError("rerank_topk needs a score_fn(image_index, text_index) -> scores")
+    cand = _candidates(sims, k, k_i2t, k_t2i, batch_size)
+    scores = cand.new_scores()  # (P,) one score per distinct pair, filled in place
+    for s in range(0, cand.num_pairs, batch_size):
+        e = min(s + batch_size, cand.num_pairs)
+        out = score_fn(cand.image_index[s:e], cand.text_index[s:e])
+        _check_scores(out, e - s, "score_fn")
+        scores[s:e] = out.detach()
+    return cand.fill(scores, add_itc)
+
+
+@torch.no_grad()
+def rerank_with_cache(
+    sims: torch.Tensor,
+    fusion: nn.Module,
+    image_tokens: torch.Tensor,
+    text_tokens: torch.Tensor,
+    text_mask: torch.Tensor,
+    head: Callable,
+    *,
+    k: int | None = None,
+    k_i2t: int | None = None,
+    k_t2i: int | None = None,
+    image_mask: torch.Tensor | None = None,
+    batch_size: int = 128,
+    image_batch: int = 64,
+    add_itc: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rerank_topk`` for a cross-attention fusion, doing per-image and per-caption work once.
+
+    Scores the same candidate pairs as ``rerank_topk`` with (for ``BertFusion``)
+    ``score_fn(i, t) = head(fusion(text_tokens[t], mask=text_mask[t], context=image_tokens[i])[:, 0])``
+    and returns the same matrices (to float tolerance), but through ``fusion``'s caches
+    (``text_cache`` / ``context_cache`` / ``forward_cached``): each caption's
+    first self-attention is computed once, each image's cross-attention keys/values once
+    per layer, and the last layer runs for the CLS row only. Pairs come sorted by image, so
+    images are cached ``image_batch`` at a time and dropped after their pairs are scored;
+    within those, pairs are batched by caption width and each batch drops the padding its
+    captions share (exact: padded positions never reach the CLS token).
+
+    Args:
+        sims: (Ni, Nt) ITC similarities.
+        fusion: a module with ``text_cache``, ``context_cache`` and ``forward_cached``:
+            ``vlp.encoders.BertFusion`` (ALBEF's ``model.fusion``) or
+            ``vlp.blocks.CoAttentionFusion`` (METER's).
+        image_tokens: (Ni, Li, Dv) image tokens, row i for row i of ``sims``.
+        text_tokens: (Nt, Lt, D) unimodal text tokens; text_mask: (Nt, Lt), True at real tokens.
+        head: ``forward_cached(..., cls_only=True)`` → scores (n,): for ``BertFusion`` the
+            fused CLS (n, D), e.g. ``ITM.score``; for ``CoAttentionFusion`` a ``FusionOutput``
+            of (n, 1, D) streams (METER: both poolers, concatenated, then ``ITM.score``).
+        k / k_i2t / k_t2i / batch_size / add_itc: as in ``rerank_topk``.
+        image_mask: (Ni, Li) bool, True at real image tokens, or None (all real).
+        image_batch: images whose caches are held at once.
+    Returns:
+        ``(i2t (Ni, Nt), t2i (Nt, Ni))`` as ``rerank_topk``.
+    """
+    n_img, n_txt = sims.shape
+    if image_tokens.shape[0] != n_img or text_tokens.shape[0] != n_txt or text_mask.shape != text_tokens.shape[:2]:
+        raise ValueError(
+            f"rerank_with_cache: sims is {tuple(sims.shape)} but image_tokens {tuple(image_tokens.shape)}, "
+            f"text_tokens {tuple(text_tokens.shape)}, text_mask {tuple(text_mask.shape)}"
+        )
+    if image_batch < 1:
+        raise ValueError(f"image_batch must be >= 1, got {image_batch}")
+    cand = _candidates(sims, k, k_i2t, k_t2i, batch_size)
+    scores = cand.new_scores()  # (P,)
+    if cand.num_pairs == 0:
+        return cand.fill(scores, add_itc)
+    texts = _text_cache(fusion, text_tokens, text_mask, batch_size)
+    extent = texts.extent()  # (Nt,) caption widths without trailing padding
+    # pairs are sorted by image: [bounds[j], bounds[j + 1]) are the pairs of image chunk j
+    starts = torch.arange(0, n_img + image_batch, image_batch, device=sims.device).clamp(max=n_img)
+    bounds = torch.searchsorted(cand.image_index, starts).tolist()
+    for j, a in enumerate(range(0, n_img, image_batch)):
+        lo, hi = bounds[j], bounds[j + 1]
+        if lo == hi:
+            continue
+        b = min(a + image_batch, n_img)
+        context = fusion.context_cache(image_tokens[a:b], image_mask[a:b] if image_mask is not None else None)
+
+        def write(sel: torch.Tensor, out: torch.Tensor, lo: int = lo) -> None:
+            scores[lo + sel.to(scores.device)] = out.to(scores.dtype)
+
+        pair_images, pair_texts = cand.image_index[lo:hi] - a, cand.text_index[lo:hi]
+        _score_cached(fusion, texts, extent, context, pair_images, pair_texts, head, batch_size, write)
+        del context
+    return cand.fill(scores, add_itc)
+
+
+@torch.no_grad()
+def score_all_pairs_with_cache(
+    fusion: nn.Module,
+    image_tokens: torch.Tensor,
+    text_tokens: torch.Tensor,
+    text_mask: torch.Tensor,
+    head: Callable,
+    *,
+    image_mask: torch.Tensor | None = None,
+    batch_size: int = 256,
+    image_batch: int = 64,
+) -> torch.Tensor:
+    """``score_all_pairs`` (every (image, text) pair; ViLT/METER retrieval) through ``fusion``'s
+    caches, as ``rerank_with_cache`` does: (Ni, Nt) float32 scores on the CPU.
+
+    ``head`` maps ``fusion.forward_cached(..., cls_only=True)`` to (n,) scores: for
+    ``CoAttentionFusion`` a ``FusionOutput`` of (n, 1, D) streams (METER: both poolers,
+    concatenated, then ``ITM.score``); for ``BertFusion`` the fused CLS (n, D).
+    """
+    n_img, n_txt = image_tokens.shape[0], text_tokens.shape[0]
+    if text_mask.shape != text_tokens.shape[:2]:
+        raise ValueError(
+            f"score_all_pairs_with_cache: text_mask is {tuple(text_mask.shape)}, text_tokens {tuple(text_tokens.shape)}"
+        )
+    if batch_size < 1 or image_batch < 1:
+        raise ValueError(f"batch_size and image_batch must be >= 1, got {batch_size} and {image_batch}")
+    out = torch.empty(n_img, n_txt, dtype=torch.float32)  # (Ni, Nt), filled in place
+    if n_img == 0 or n_txt == 0:
+        return out
+    texts = _text_cache(fusion, text_tokens, text_mask, batch_size)
+    extent = texts.extent()  # (Nt,)
+    flat = out.view(-1)
+    for a in range(0, n_img, image_batch):
+        b = min(a + image_batch, n_img)
+        context = fusion.context_cache(image_tokens[a:b], image_mask[a:b] if image_mask is not None else None)
+        local = torch.arange((b - a) * n_txt, device=extent.device)  # (m,) pair i * Nt + t within the chunk
+        pair_images, pair_texts = local // n_txt, local % n_txt
+
+        def write(sel: torch.Tensor, scores: torch.Tensor, a: int = a, local: torch.Tensor = local) -> None:
+            flat[a * n_txt + local[sel].cpu()] = scores.float().cpu()
+
+        _score_cached(fusion, texts, extent, context, pair_images, pair_texts, head, batch_size, write)
+        del context
+    return out
+
+
+def _score_cached(fusion, texts, extent, context, pair_images, pair_texts, head, batch_size, write) -> None:
+    """Score pairs (context row ``pair_images[n]``, caption ``pair_texts[n]``) in batches of
+    captions of similar width, each trimmed of its shared padding; ``write(sel, scores)``
+    stores the scores of positions ``sel``."""
+    order = extent[pair_texts.to(extent.device)].argsort(stable=True)  # (m,) by caption width
+    for s in range(0, len(order), batch_size):
+        sel = order[s : s + batch_size]  # (n,)
+        fused = fusion.forward_cached(
+            texts.index(pair_texts[sel.to(pair_texts.device)], trim=True),
+            context.index(pair_images[sel.to(pair_images.device)]),
+            cls_only=True,
+        )
+        scores = head(fused)
+        _check_scores(scores, len(sel), "head")
+        write(sel, scores.detach())
+
+
+def _text_cache(fusion: nn.Module, text_tokens: torch.Tensor, text_mask: torch.Tensor, batch_size: int):
+    """``fusion.text_cache`` of all captions, ``batch_size`` at a time, into preallocated tensors
+    (every tensor field of the cache dataclass has captions on dim 0)."""
+    first = fusion.text_cache(text_tokens[:batch_size], text_mask[:batch_size])
+    full = {}
+    for f in fields(first):
+        t = getattr(first, f.name)
+        full[f.name] = t.new_empty((len(text_tokens), *t.shape[1:])) if isinstance(t, torch.Tensor) else t
+        if isinstance(t, torch.Tensor):
+            full[f.name][: len(t)] = t
+    for s in range(batch_size, len(text_tokens), batch_size):
+        part = fusion.text_cache(text_tokens[s : s + batch_size], text_mask[s : s + batch_size])
+        for name, t in full.items():
+            if isinstance(t, torch.Tensor):
+                t[s : s + batch_size] = getattr(part, name)
+    return type(first)(**full)
+
+
+def _check_scores(out: torch.Tensor, n: int, what: str) -> None:
+    if out.shape != (n,):
+        raise ValueError(f"{what} must return shape ({n},) for {n} pairs, got {tuple(out.shape)}")
+
+
+class _Candidates:
+    """The ITC top-k candidates of both directions and their distinct (image, text) pairs."""
+
+    def __init__(self, sims: torch.Tensor, k_i2t: int, k_t2i: int) -> None:
+        n_img, n_txt = sims.shape
+        self.sims, self.shape = sims, (n_img, n_txt)
+        self.dtype = torch.promote_types(sims.dtype, torch.float32)
+        self.k_i2t, self.k_t2i = min(k_i2t, n_txt), min(k_t2i, n_img)
+        self.top_t = sims.topk(self.k_i2t, dim=1).indices  # (Ni, k_i2t) candidate texts of each image
+        self.top_i = sims.T.topk(self.k_t2i, dim=1).indices  # (Nt, k_t2i) candidate images of each text
+        rows_i = torch.arange(n_img, device=sims.device)[:, None]  # (Ni, 1)
+        rows_t = torch.arange(n_txt, device=sims.device)[:, None]  # (Nt, 1)
+        pair_i2t = rows_i * n_txt + self.top_t  # (Ni, k_i2t) flat pair id i * Nt + t
+        pair_t2i = self.top_i * n_txt + rows_t  # (Nt, k_t2i) same id space
+        flat = torch.cat([pair_i2t.flatten(), pair_t2i.flatten()])  # (Ni k_i2t + Nt k_t2i,)
+        pairs, self.inverse = torch.unique(flat, sorted=True, return_inverse=True)  # (P,) sorted by image
+        self.image_index, self.text_index = pairs // n_txt, pairs % n_txt  # (P,), (P,)
+        self.num_pairs = len(pairs)
+
+    def new_scores(self) -> torch.Tensor:
+        return torch.empty(self.num_pairs, dtype=self.dtype, device=self.sims.device)
+
+    def fill(self, scores: torch.Tensor, add_itc: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(i2t (Ni, Nt), t2i (Nt, Ni)): ``scores`` (P,) at the candidates, ``-inf`` elsewhere."""
+        (n_img, n_txt), sims = self.shape, self.sims
+        if add_itc:
+            scores += sims[self.image_index, self.text_index].to(self.dtype)  # (P,)
+        i2t = sims.new_full((n_img, n_txt), float("-inf"), dtype=self.dtype)  # (Ni, Nt)
+        t2i = sims.new_full((n_txt, n_img), float("-inf"), dtype=self.dtype)  # (Nt, Ni)
+        n_first = n_img * self.k_i2t
+        i2t.scatter_(1, self.top_t, scores[self.inverse[:n_first]].view(n_img, self.k_i2t))
+        t2i.scatter_(1, self.top_i, scores[self.inverse[n_first:]].view(n_txt, self.k_t2i))
+        return i2t, t2i
+
+
+def _candidates(sims: torch.Tensor, k: int | None, k_i2t: int | None, k_t2i: int | None, batch_size: int):
     if sims.dim() != 2:
         raise ValueError(f"sims must be (num_images, num_texts), got shape {tuple(sims.shape)}")
-    if k < 1:
+    if k is None and (k_i2t is None or k_t2i is None):
+        raise ValueError("give k, or both k_i2t and k_t2i (candidates re-ranked per image / per text)")
+    if k is not None and k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    k_i2t = k if k_i2t is None else k_i2t
+    k_t2i = k if k_t2i is None else k_t2i
+    if k_i2t < 0 or k_t2i < 0 or k_i2t + k_t2i == 0:
+        raise ValueError(f"k_i2t and k_t2i must be >= 0 and not both 0, got k_i2t={k_i2t}, k_t2i={k_t2i}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n_img, n_txt = sims.shape
-    dtype = torch.promote_types(sims.dtype, torch.float32)
-    i2t = sims.new_full((n_img, n_txt), float("-inf"), dtype=dtype)  # (Ni, Nt)
-    t2i = sims.new_full((n_txt, n_img), float("-inf"), dtype=dtype)  # (Nt, Ni)
-    if n_img == 0 or n_txt == 0:
-        return i2t, t2i
-    k_i2t, k_t2i = min(k, n_txt), min(k, n_img)
-    top_t = sims.topk(k_i2t, dim=1).indices  # (Ni, k_i2t) candidate texts of each image
-    top_i = sims.T.topk(k_t2i, dim=1).indices  # (Nt, k_t2i) candidate images of each text
-    rows_i = torch.arange(n_img, device=sims.device)[:, None]  # (Ni, 1)
-    rows_t = torch.arange(n_txt, device=sims.device)[:, None]  # (Nt, 1)
-    pair_i2t = rows_i * n_txt + top_t  # (Ni, k_i2t) flat pair id i * Nt + t
-    pair_t2i = top_i * n_txt + rows_t  # (Nt, k_t2i) same id space
-    pairs, inverse = torch.unique(torch.cat([pair_i2t.flatten(), pair_t2i.flatten()]), return_inverse=True)  # (P,)
-    image_index, text_index = pairs // n_txt, pairs % n_txt  # (P,), (P,)
-    chunks = []
-    for s in range(0, len(pairs), batch_size):
-        out = score_fn(image_index[s : s + batch_size], text_index[s : s + batch_size])
-        n = len(image_index[s : s + batch_size])
-        if out.shape != (n,):
-            raise ValueError(f"score_fn must return shape ({n},) for {n} pairs, got {tuple(out.shape)}")
-        chunks.append(out.detach().to(device=sims.device, dtype=dtype))
-    scores = torch.cat(chunks)  # (P,) one score per distinct pair
-    if add_itc:
-        scores = scores + sims[image_index, text_index].to(dtype)  # (P,)
-    n_first = pair_i2t.numel()
-    i2t.scatter_(1, top_t, scores[inverse[:n_first]].view(n_img, k_i2t))  # (Ni, Nt)
-    t2i.scatter_(1, top_i, scores[inverse[n_first:]].view(n_txt, k_t2i))  # (Nt, Ni)
-    return i2t, t2i
+    return _Candidates(sims, k_i2t, k_t2i)
 
 
 def _rank_scores(scores: torch.Tensor, tiebreak: torch.Tensor) -> torch.Tensor:
