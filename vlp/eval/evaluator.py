@@ -27,8 +27,10 @@ from vlp.eval.retrieval import (
     gather_pair_tokens,
     recall_at_k,
     rerank_topk,
+    rerank_with_cache,
     retrieval_scores,
     score_all_pairs,
+    score_all_pairs_with_cache,
 )
 from vlp.utils.distributed import all_reduce_sum
 
@@ -98,9 +100,15 @@ class RetrievalEvaluator(Evaluator):
     protocol); ``itm_accuracy`` adds the scorer's balanced accuracy on every caption with
     its image and every image with its hardest wrong caption.
 
+    Pairs are scored through the fusion's caches (each image's cross-attention keys/values
+    and each caption's pair-independent work once: :func:`~vlp.eval.retrieval.rerank_with_cache`)
+    when the model offers them (``model.fused_pair_scorer``) and the scorer scores fused
+    features (ITM's head; not GenerativeITM's decoder), else pair by pair.
+
     Args:
         scorer: the objective that scores (text, image) pairs, or None (dual encoders).
         k: candidates re-ranked per query; None scores all pairs.
+        k_t2i: candidates re-ranked per caption (text→image), when it differs from ``k``.
         max_images: rank only the first ``max_images`` images (by id) and their captions.
         batch_size: fused pairs per forward pass.
         itm_accuracy: report ``itm_acc`` (needs a scorer and ITC features).
@@ -112,6 +120,7 @@ class RetrievalEvaluator(Evaluator):
         scorer: nn.Module | None = None,
         *,
         k: int | None = None,
+        k_t2i: int | None = None,
         max_images: int | None = None,
         batch_size: int = 256,
         itm_accuracy: bool = False,
@@ -120,6 +129,7 @@ class RetrievalEvaluator(Evaluator):
     ) -> None:
         super().__init__()
         self.scorer, self.k, self.max_images, self.batch_size = scorer, k, max_images, batch_size
+        self.k_t2i = k if k_t2i is None else k_t2i
         self.itm_accuracy = itm_accuracy
         self.task, self.prefix_scores = task, prefix_scores
         self.parts: list[tuple] = []
@@ -170,6 +180,10 @@ class RetrievalEvaluator(Evaluator):
         def score(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return scorer.score_pairs(model, text_tokens[t], text_mask[t], image_tokens[i])  # (n,)
 
+        cached = None  # (fusion, head) when the fusion can cache per-image / per-caption work
+        if scorer is not None and scorer.scores_fused_features:
+            cached = model.fused_pair_scorer(scorer.score)
+
         if scorer is None:
             sims = image_embeds @ text_embeds.T  # (Ni, Nt)
             self.how = f"{subset}{ni} images, {nt} texts"
@@ -177,14 +191,24 @@ class RetrievalEvaluator(Evaluator):
             return recall_at_k(sims, index)
         if image_embeds is not None and self.k is not None:
             sims = image_embeds @ text_embeds.T  # (Ni, Nt)
-            reranked = rerank_topk(sims, self.k, score, batch_size=self.batch_size)
+            ks = dict(k_i2t=self.k, k_t2i=self.k_t2i, batch_size=self.batch_size)
+            if cached is not None:
+                reranked = rerank_with_cache(sims, cached[0], image_tokens, text_tokens, text_mask, cached[1], **ks)
+            else:
+                reranked = rerank_topk(sims, score_fn=score, **ks)
             scores = retrieval_scores(sims, index, reranked)
             if self.itm_accuracy:
                 scores["itm_acc"] = self._itm_accuracy(sims, index, image_tokens, text_tokens, text_mask)
-            self.how = f"{subset}{ni} images, {nt} texts; ITC top-{self.k} re-ranked by ITM"
+            top = f"top-{self.k}" if self.k_t2i == self.k else f"top-{self.k} (texts) / top-{self.k_t2i} (images)"
+            self.how = f"{subset}{ni} images, {nt} texts; ITC {top} re-ranked by ITM"
             self._format = lambda s, t: format_rerank_table(s, self.chance, title=t, k=self.k)
             return scores
-        sims = score_all_pairs(ni, nt, score, batch_size=self.batch_size, device=image_tokens.device)  # (Ni, Nt)
+        if cached is not None:
+            sims = score_all_pairs_with_cache(
+                cached[0], image_tokens, text_tokens, text_mask, cached[1], batch_size=self.batch_size
+            )  # (Ni, Nt)
+        else:
+            sims = score_all_pairs(ni, nt, score, batch_size=self.batch_size, device=image_tokens.device)
         self.how = f"{subset}{ni} images, {nt} texts; ITM over all {ni * nt} pairs"
         self._format = lambda s, t: format_table(s, self.chance, title=t)
         return recall_at_k(sims, index.cpu())

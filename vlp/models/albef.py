@@ -61,6 +61,7 @@ class ALBEF(VLPModule):
             (default: the first epoch, as in the paper).
         use_momentum: build the momentum copies (needed by MomentumITC and distillation).
         rerank_k: candidates per query re-ranked by ITM at evaluation (paper: 128/256).
+        rerank_k_t2i: candidates per caption (text→image) when it should differ from ``rerank_k``.
         decoder: an answer decoder (``vlp.blocks.TextDecoder`` with ``context_dim`` the text
             width) over the fused text tokens, as ALBEF's VQA; used by ``GenerativeVQA``.
         optim / init_from: see :class:`~vlp.models.base.VLPModule`.
@@ -81,6 +82,7 @@ class ALBEF(VLPModule):
         alpha_ramp_steps: int | None = None,
         use_momentum: bool = True,
         rerank_k: int = 128,
+        rerank_k_t2i: int | None = None,
         decoder: nn.Module | None = None,
         optim: OptimConfig | None = None,
         init_from: str | None = None,
@@ -106,7 +108,7 @@ class ALBEF(VLPModule):
         self.momentum = momentum
         self.alpha = alpha
         self.alpha_ramp_steps = alpha_ramp_steps
-        self.rerank_k = rerank_k
+        self.rerank_k, self.rerank_k_t2i = rerank_k, rerank_k_t2i
         self.use_momentum = use_momentum
         self._online = ["image_encoder", "text_encoder", "fusion", "image_proj", "text_proj"]
         if use_momentum:
@@ -253,4 +255,11 @@ class ALBEF(VLPModule):
     def default_evaluator(self, modality: str) -> Evaluator | None:
         if modality not in ("pair", "retrieval"):
             return None
-        return RetrievalEvaluator(find_objective(self, ITM), k=self.rerank_k, itm_accuracy=True)
+        return RetrievalEvaluator(
+            find_objective(self, ITM), k=self.rerank_k, k_t2i=self.rerank_k_t2i, itm_accuracy=True
+        )
+
+    def fused_pair_scorer(self, score):
+        """BertFusion caches each image's cross-attention keys/values and each caption's first
+        self-attention; the fused CLS is what ITM scores."""
+        return (self.fusion, score) if hasattr(self.fusion, "context_cache") else None

@@ -40,6 +40,12 @@ class EvaluationLoop:
         """The family's evaluation of ``modality`` data no task head handles (None: refused)."""
         return None
 
+    def fused_pair_scorer(self, score):
+        """``(fusion, head)`` for scoring many (image, caption) pairs through the fusion's caches
+        (:func:`~vlp.eval.retrieval.rerank_with_cache`), ``head`` mapping the cached fusion's
+        output to ``score`` of the match features; None: pairs are fused one by one."""
+        return None
+
     def head_evaluator(self, head: Objective) -> Evaluator:
         """The evaluator of a task head's torchmetrics metric, on this model's device."""
         return HeadEvaluator(head, self.device)

@@ -219,6 +219,17 @@ class METER(VLPModule):
                 out.text_embeds = F.normalize(self.text_itc_proj(text_pooled), dim=-1)
         return out
 
+    def fused_pair_scorer(self, score):
+        """Co-attention caches layer 0's pair-independent work; the pooled CLS rows of both
+        streams, concatenated, are what ITM scores (merged attention caches nothing)."""
+        if self.text_pooler is None or not hasattr(self.fusion, "forward_cached"):
+            return None
+
+        def head(fused) -> torch.Tensor:
+            return score(torch.cat([self.text_pooler(fused.text_tokens), self.image_pooler(fused.image_tokens)], -1))
+
+        return self.fusion, head
+
     # -- evaluation (pairs without a task head): the pretraining heads' accuracies -------------
     def default_evaluator(self, modality: str) -> Evaluator | None:
         if modality not in ("pair", "retrieval"):

@@ -161,6 +161,7 @@ class GenerativeITM(ITM):
     """
 
     requires = ("text_tokens", "text_mask", "image_tokens", "image_embeds", "text_embeds")
+    scores_fused_features = False  # the decoder scores pairs
 
     def __init__(
         self,

@@ -60,6 +60,9 @@ class ITM(Objective):
     """
 
     default_name = "itm"
+    #: ``score`` reads the model's match features (so evaluation may fuse pairs through the
+    #: fusion's caches); False for scorers that decode (GenerativeITM).
+    scores_fused_features = True
     requires = ("text_tokens", "text_mask", "image_tokens", "fused_cls", "image_embeds", "text_embeds")
     requires_batch = ("image_id",)
 

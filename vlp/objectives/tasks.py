@@ -344,6 +344,7 @@ class Retrieval(Objective):
         negatives: negatives per query in training (METER: 15).
         direction: ``"i2t"`` (images rank captions) or ``"t2i"``.
         k: candidates re-ranked per query when the model has ITC features; None scores all pairs.
+        k_t2i: candidates re-ranked per caption (text→image), when it differs from ``k``.
         max_images: evaluate on the first ``max_images`` images of the split (by image id)
             and their captions; None: all. All-pairs scoring costs Ni x Nt fused pairs, so
             CPU recipes rank a subset; the table says which.
@@ -365,6 +366,7 @@ class Retrieval(Objective):
         negatives: int = 15,
         direction: str = "i2t",
         k: int | None = 128,
+        k_t2i: int | None = None,
         max_images: int | None = None,
         batch_size: int = 256,
     ) -> None:
@@ -376,6 +378,7 @@ class Retrieval(Objective):
         if max_images is not None and max_images < 1:
             raise ConfigError(f"Retrieval max_images must be >= 1 or null, got {max_images}")
         self.negatives, self.direction, self.k, self.batch_size = negatives, direction, k, batch_size
+        self.k_t2i = k_t2i
         self.max_images = max_images
         self.chance: dict[str, float] = {}
 
@@ -400,6 +403,7 @@ class Retrieval(Objective):
         return RetrievalEvaluator(
             self.scorer(model),
             k=self.k,
+            k_t2i=self.k_t2i,
             max_images=self.max_images,
             batch_size=self.batch_size,
             task=self.name,
