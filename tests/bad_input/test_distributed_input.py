@@ -25,7 +25,7 @@ from vlp.data.synth import write_shapes
 pytestmark = pytest.mark.slow
 
 DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
-TIMEOUT = 120  # a rank left waiting fails the test instead of blocking it
+TIMEOUT = 240  # a rank left waiting fails the test instead of blocking it (generous: a loaded 2-core CI)
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +35,19 @@ def shapes(tmp_path_factory):
     return root / "shapes" / "manifests"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def vlp_ddp(folder: Path, args: list[str]) -> subprocess.CompletedProcess:
     """``vlp ARGS`` on 2 CPU processes in ``folder``; killed (with the rank it started) after TIMEOUT s."""
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["MASTER_PORT"] = str(_free_port())  # Lightning's own pick can collide with a run just ended
     env.pop("PYTEST_CURRENT_TEST", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "vlp.cli", *args, *DDP],

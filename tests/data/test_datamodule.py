@@ -210,6 +210,24 @@ def test_shards_are_split_by_rank(tmp_path, tokenizer):
     assert not set(seen[0]) & set(seen[1])  # disjoint, and together complete
 
 
+@pytest.mark.parametrize("shards, world, workers", [(1, 2, 0), (1, 3, 2), (2, 3, 0), (3, 2, 2)])
+def test_evaluation_is_split_by_sample_when_shards_are_fewer_than_readers(tmp_path, tokenizer, shards, world, workers):
+    """COCO/Flickr val and test are one shard each: with fewer shards than ranks (or workers),
+    every rank reads them and keeps its share of the samples, so no rank is left without data
+    and every sample is evaluated exactly once."""
+    path = _manifest(tmp_path, "pair", shards=shards, per_shard=7)
+    seen = []
+    for rank in range(world):
+        dm = _dm(tokenizer, test=[Source(path, split="test")], num_workers=workers)
+        dm._rank = lambda rank=rank: (rank, world)
+        dm.setup("test")
+        seen.append([k.rsplit(":", 1)[1] for b in dm.test_dataloader() for k in b["keys"]])
+    everything = [k for keys in seen for k in keys]
+    assert sorted(everything) == sorted(f"s{i:05d}" for i in range(shards * 7))  # each sample once
+    assert all(seen), [len(k) for k in seen]  # every rank has samples
+    assert max(map(len, seen)) - min(map(len, seen)) <= max(1, workers) * (1 + shards)
+
+
 def test_resampled_mode_needs_no_shard_split(tmp_path, tokenizer):
     path = _manifest(tmp_path, "pair", shards=1)
     dm = _dm(tokenizer, train=[Source(path)], resampled=True, epoch_length=24, num_workers=2)
