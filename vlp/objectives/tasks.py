@@ -81,7 +81,35 @@ def load_answer_vocab(answers: list[str] | str) -> list[str]:
     return vocab
 
 
-class VQA(Objective):
+class TaskHead(Objective):
+    """A classifier on the model's match features of ``pairs`` fused (text, image) pairs,
+    concatenated (NLVR2: 2), with ``num_outputs`` outputs; built in ``setup`` when its ``dim``
+    was not given, evaluated by its torchmetrics metric (``new_metric`` / ``evaluate`` /
+    ``summarize``, see :class:`~vlp.eval.evaluator.HeadEvaluator`)."""
+
+    pairs: int = 1
+    num_outputs: int = 2
+
+    def make_head(self, dim: int | None) -> nn.Sequential | None:
+        """METER's classifier on ``pairs x dim`` inputs (hidden width ``dim``), or None."""
+        if dim is None:
+            return None
+        return classifier(self.pairs * dim, self.num_outputs, hidden=dim if self.pairs > 1 else None)
+
+    def needs(self) -> dict[str, str]:
+        return {"fusion": f"to classify fused pairs ({self.name})"}
+
+    def setup(self, model: nn.Module) -> None:
+        given = self.head[0].in_features // self.pairs if self.head is not None else None
+        dim = self.width_of("dim", given, model, "match")
+        if self.head is None:
+            self.head = self.make_head(dim)
+
+    def evaluator(self, model: nn.Module):
+        return model.head_evaluator(self)
+
+
+class VQA(TaskHead):
     """VQA as multi-label classification over ``answers`` with soft targets.
 
     Loss: ``BCE-with-logits(logits, soft scores) * num_answers`` (ViLT/METER: summed over
@@ -124,18 +152,8 @@ class VQA(Objective):
         vqa_soft_scores([], self.vocab, scheme)  # checks the scheme name now
         self.question_types = question_types
         self.baseline = baseline
-        self.head = classifier(dim, len(self.answers)) if dim is not None else None
-
-    def needs(self) -> dict[str, str]:
-        return {"fusion": "to classify fused (question, image) pairs"}
-
-    def setup(self, model: nn.Module) -> None:
-        dim = self.width_of("dim", self.head[0].in_features if self.head is not None else None, model, "match")
-        if self.head is None:
-            self.head = classifier(dim, len(self.answers))
-
-    def evaluator(self, model: nn.Module):
-        return model.head_evaluator(self)
+        self.num_outputs = len(self.answers)
+        self.head = self.make_head(dim)
 
     @property
     def chance(self) -> dict[str, float]:
@@ -179,7 +197,7 @@ class VQA(Objective):
         return scores, format_vqa_table(scores, self.baseline, title=title)
 
 
-class VE(Objective):
+class VE(TaskHead):
     """Visual entailment (SNLI-VE): three-way classification of (image, hypothesis) pairs,
     labels 0 entailment, 1 neutral, 2 contradiction; cross-entropy; accuracy.
 
@@ -204,20 +222,9 @@ class VE(Objective):
         num_classes: int = 3,
     ) -> None:
         super().__init__(weight, name=name, modalities=modalities)
-        self.num_classes = num_classes
-        self.head = classifier(dim, num_classes) if dim is not None else None
+        self.num_classes = self.num_outputs = num_classes
+        self.head = self.make_head(dim)
         self.chance = {"acc": 100.0 / num_classes}
-
-    def needs(self) -> dict[str, str]:
-        return {"fusion": "to classify fused (hypothesis, image) pairs"}
-
-    def setup(self, model: nn.Module) -> None:
-        dim = self.width_of("dim", self.head[0].in_features if self.head is not None else None, model, "match")
-        if self.head is None:
-            self.head = classifier(dim, self.num_classes)
-
-    def evaluator(self, model: nn.Module):
-        return model.head_evaluator(self)
 
     def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         logits = self.head(output.fused_cls)  # (B, C)
@@ -241,7 +248,7 @@ class VE(Objective):
         ) + f"accuracy {acc:.2f}% (chance {100 / self.num_classes:.2f})"
 
 
-class NLVR2(Objective):
+class NLVR2(TaskHead):
     """NLVR2: is the sentence true of the (left, right) image pair? Binary cross-entropy over
     two classes (0 false, 1 true) on ``concat(match(text, left), match(text, right))``.
 
@@ -255,6 +262,7 @@ class NLVR2(Objective):
     """
 
     default_name = "nlvr2"
+    pairs = 2  # the sentence fused with each image
     default_modalities = ("nlvr2",)
     eval_modalities = ("nlvr2",)
     requires = ("fused_cls", "text_tokens", "text_mask")
@@ -271,20 +279,14 @@ class NLVR2(Objective):
     ) -> None:
         super().__init__(weight, name=name, modalities=modalities)
         self.second_image_type = second_image_type
-        self.head = classifier(2 * dim, 2, hidden=dim) if dim is not None else None  # METER: Linear(4h, 2h)
+        self.head = self.make_head(dim)  # METER: Linear(4h, 2h) on the two pairs
         self.chance = {"acc": 50.0}
 
     def needs(self) -> dict[str, str]:
-        return {"fusion": "to fuse the sentence with each image", "image_types": "to embed the second image"}
-
-    def evaluator(self, model: nn.Module):
-        return model.head_evaluator(self)
+        return {**super().needs(), "image_types": "to embed the second image"}
 
     def setup(self, model: nn.Module) -> None:
-        given = self.head[0].in_features // 2 if self.head is not None else None  # the head sees two pairs
-        dim = self.width_of("dim", given, model, "match")
-        if self.head is None:
-            self.head = classifier(2 * dim, 2, hidden=dim)
+        super().setup(model)
         types = getattr(getattr(model, "token_type", None), "num_embeddings", None)  # METER's type embedding
         if types is not None and self.second_image_type >= types:
             raise ConfigError(
