@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -38,6 +39,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # -- timing --------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -326,6 +330,75 @@ def bench_rerank(args, device, dtype) -> Table:
     return run(args, device, dtype)
 
 
+def bench_train_workers(args, device, dtype) -> Table:
+    """Training steps of the tiny CLIP recipe fed by the DataLoader with 0, 1 or 2 workers and
+    1 or 2 torch threads, against the same steps on batches already in memory (the reference):
+    on a small CPU the workers and the model share the cores."""
+    import yaml
+
+    from vlp.convert.common import build_model
+    from vlp.data import HFTokenizer, Source, WebDataModule
+    from vlp.data.synth import write_shapes
+    from vlp.models import CLIP
+
+    recipe = yaml.safe_load((REPO / "recipes" / "tiny" / "clip.yaml").read_text())
+    data_args = recipe["data"]["init_args"]
+    table = Table(
+        f"Tiny CLIP training step ({data_args['image_size']} px, batch {data_args['batch_size']}) fed by the "
+        f"DataLoader vs batches in memory ({os.cpu_count()} cores)"
+    )
+    tmp = contextlib.ExitStack()
+    root = Path(tmp.enter_context(tempfile.TemporaryDirectory()))
+    write_shapes(root / "shapes", seed=0, size=2000, samples_per_shard=250, image_size=data_args["image_size"])
+    tokenizer = HFTokenizer(args.tokenizer, max_length=data_args["tokenizer"]["init_args"].get("max_length", 32))
+    steps, threads_before = 15, torch.get_num_threads()
+
+    def loader(workers: int):
+        dm = WebDataModule(
+            train=[Source(manifest=str(root / "shapes" / "manifests" / "shapes_pair.yaml"), split="train")],
+            tokenizer=tokenizer,
+            image_size=data_args["image_size"],
+            batch_size=data_args["batch_size"],
+            num_workers=workers,
+            epoch_length=10**6,
+        )
+        dm.setup("fit")
+        return dm, iter(dm.train_dataloader())
+
+    def run(batches, dm) -> float:
+        torch.manual_seed(0)
+        model = build_model(CLIP, recipe["model"]).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            batch = next(batches)
+            batch = dm.finish_batch(batch) if dm is not None else batch
+            loss, _ = model.compute_objectives(model(batch), batch, model.objectives_for(batch))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - start) / steps
+
+    with tmp:
+        dm, it = loader(0)
+        memory = [dm.finish_batch(next(it)) for _ in range(steps + 3)]
+        torch.set_num_threads(threads_before)
+        ref = run(iter(memory), None)
+        for workers in (0, 1, 2):
+            for threads in sorted({1, threads_before}):
+                torch.set_num_threads(threads)
+                dm, it = loader(workers)
+                table.add(f"{workers} workers, {threads} torch threads", run(it, dm), ref)
+        torch.set_num_threads(threads_before)
+    return table
+
+
 BENCHES = {
     "attention": bench_attention,
     "block": bench_block,
@@ -333,6 +406,7 @@ BENCHES = {
     "queue_itc": bench_queue_itc,
     "data": bench_data,
     "rerank": bench_rerank,
+    "train_workers": bench_train_workers,
 }
 
 

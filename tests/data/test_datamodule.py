@@ -287,3 +287,25 @@ def test_real_photos_go_through(tmp_path, tokenizer):
 def test_fit_without_train_sources_is_a_config_error(tokenizer):
     with pytest.raises(ConfigError, match="data.train"):
         _dm(tokenizer).setup("fit")
+
+
+def test_torch_threads_budget_against_loader_workers(tmp_path, tokenizer, monkeypatch):
+    """torch_threads: auto gives the model the cores the workers leave (at least 1); an integer
+    is taken as given; anything else is refused naming the key."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    path = _manifest(tmp_path, "pair")
+    before = torch.get_num_threads()
+    try:
+        dm = _dm(tokenizer, train=[Source(path)], num_workers=3, torch_threads="auto")
+        assert dm.budget_threads() == 5
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks share the 8 cores
+        assert dm.budget_threads() == 1
+        dm.setup("fit")
+        assert torch.get_num_threads() == 1
+        assert _dm(tokenizer, num_workers=2, torch_threads=3).budget_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="torch_threads must be null, 'auto' or a positive integer"):
+        _dm(tokenizer, torch_threads="many")

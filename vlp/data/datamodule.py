@@ -98,6 +98,10 @@ class WebDataModule(pl.LightningDataModule):
         image_size: side of the square model input.
         batch_size: per-device training batch size; ``eval_batch_size`` for evaluation.
         num_workers: DataLoader workers per device.
+        torch_threads: intra-op threads of the training process: None leaves torch's default
+            (all cores), "auto" gives the model the cores the loader workers leave free
+            (cores per process - num_workers, at least 1), an integer sets it. On a small CPU
+            the workers and the model share the cores (``make bench`` ``train_workers``).
         shuffle_buffer: samples held for shuffling (training).
         resampled: draw training shards with replacement (each rank from all shards):
             the mode for multi-node runs or fewer shards than ranks x workers.
@@ -137,6 +141,7 @@ class WebDataModule(pl.LightningDataModule):
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 4,
+        torch_threads: int | str | None = None,
         shuffle_buffer: int = 2000,
         resampled: bool = False,
         epoch_length: int | None = None,
@@ -177,6 +182,13 @@ class WebDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        if not (
+            torch_threads is None or torch_threads == "auto" or (isinstance(torch_threads, int) and torch_threads > 0)
+        ):
+            raise ConfigError(
+                f"data.init_args.torch_threads must be null, 'auto' or a positive integer, got {torch_threads!r}"
+            )
+        self.torch_threads = torch_threads
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.epoch_length = epoch_length
@@ -266,6 +278,8 @@ class WebDataModule(pl.LightningDataModule):
         return MultiViewTransform(main, views) if views else main
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit" and self.torch_threads is not None:
+            torch.set_num_threads(self.budget_threads())
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
         for s in (
             wanted.get(stage, ["train", "val", "test", "predict"]) if stage else ["train", "val", "test", "predict"]
@@ -274,6 +288,17 @@ class WebDataModule(pl.LightningDataModule):
                 self.groups[s] = self._load_sources(s, train=(s == "train"))
         if stage == "fit" and not self.sources["train"]:
             raise ConfigError("data.train lists no sources, so there is nothing to fit on")
+
+    def budget_threads(self) -> int:
+        """The training process's torch threads under ``torch_threads``: the cores this process
+        may use (its affinity, shared by the ranks on this machine) less the loader workers."""
+        if isinstance(self.torch_threads, int):
+            return self.torch_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = max(1, cores // max(1, local) - self.num_workers)
+        log.info("data.torch_threads auto: %d torch thread(s) beside %d loader worker(s)", threads, self.num_workers)
+        return threads
 
     def _rank(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
