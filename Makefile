@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 SHAPES ?= data/shapes
 
-.PHONY: install test demo demo-albef demo-meter demo-meter-encdec ablation-albef bench lint data clean
+.PHONY: install test demo demo-albef demo-meter demo-meter-encdec demo-seeds ablation-albef bench lint data clean
 
 install: $(STAMP)
 
@@ -68,6 +68,13 @@ ablation-albef: data
 	  $(VLP) test --ckpt runs/tiny_albef_$$row/checkpoints/last.ckpt || exit 1; \
 	done
 	$(VLP) compare $(addprefix runs/tiny_albef_,$(ALBEF_ROWS)) --names MLM+ITM,+ITC,+hard,+MoD
+
+# The demos over 3 seeds (seed_everything and data order varied): mean, spread and range of
+# every score in runs/seeds/summary.md (2 CPU cores: CLIP ~30 min, ALBEF + its dual encoder
+# ~2 h, METER pretraining + VQA ~1.5 h)
+SEED_RUNS ?= clip albef clip_minilm meter_vqa
+demo-seeds: data
+	$(PY) bench/seeds.py --runs $(SEED_RUNS) --seeds 0 1 2
 
 bench: install
 	$(PY) bench/run.py
