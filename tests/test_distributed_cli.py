@@ -45,7 +45,8 @@ def test_one_shard_validation_and_test_on_two_processes_equal_one(shapes, tmp_pa
     assert fit.returncode == 0, fit.stderr[-3000:]
     ckpt = tmp_path / "fit" / "ckpts" / "last.ckpt"
     args = ["test", *tiny_args(shapes, 2), *data, "--ckpt", str(ckpt)]
-    run_in(tmp_path / "one", args)
+    # the checkpoint's recipe says 2 DDP devices (it was fitted so): 1 process is asked for
+    run_in(tmp_path / "one", [*args, "--trainer.devices=1", "--trainer.strategy=auto"])
     two = vlp_ddp(tmp_path / "two", args)
     assert two.returncode == 0, two.stderr[-3000:]
     one, two = (json.loads(next((tmp_path / d).rglob("test_results.json")).read_text()) for d in ("one", "two"))

@@ -48,7 +48,16 @@ def vlp_ddp(folder: Path, args: list[str]) -> subprocess.CompletedProcess:
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["MASTER_PORT"] = str(_free_port())  # Lightning's own pick can collide with a run just ended
-    env.pop("PYTEST_CURRENT_TEST", None)
+    for key in (
+        "PYTEST_CURRENT_TEST",
+        "LOCAL_RANK",
+        "NODE_RANK",
+        "GLOBAL_RANK",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+    ):
+        env.pop(key, None)  # left by an in-process run: rank 0 would take itself for a launched rank
     proc = subprocess.Popen(
         [sys.executable, "-m", "vlp.cli", *args, *DDP],
         cwd=folder,
