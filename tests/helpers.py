@@ -149,3 +149,12 @@ def tiny_bert(
         max_position_embeddings=max_position_embeddings,
     )
     return HFTextEncoder(config={**config, **overrides})
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (MASTER_PORT of a multi-process test)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import run_in
+from helpers import free_port, run_in
 
 from bad_input.test_cli_input import checkpoint_callback, tiny_args
 from vlp.data.synth import write_shapes
@@ -35,19 +35,11 @@ def shapes(tmp_path_factory):
     return root / "shapes" / "manifests"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def vlp_ddp(folder: Path, args: list[str]) -> subprocess.CompletedProcess:
     """``vlp ARGS`` on 2 CPU processes in ``folder``; killed (with the rank it started) after TIMEOUT s."""
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env["MASTER_PORT"] = str(_free_port())  # Lightning's own pick can collide with a run just ended
+    env["MASTER_PORT"] = str(free_port())  # Lightning's own pick can collide with a run just ended
     for key in (
         "PYTEST_CURRENT_TEST",
         "LOCAL_RANK",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import free_port
 
 from vlp.models.outputs import DualEncoderOutput
 from vlp.objectives import ITC
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("positives", ["diagonal", "same_id"])
@@ -46,7 +40,7 @@ def test_two_processes_match_one(tmp_path, positives):
     loss.backward()
     params = [*img_net.parameters(), *txt_net.parameters(), *itc.parameters()]
 
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(tmp_path), positives],
