@@ -89,17 +89,24 @@ class RetrievalMetric(Metric):
         cat = lambda x: torch.cat(x) if isinstance(x, list) else x  # noqa: E731
         img, img_id = cat(self.image_embeds), cat(self.image_id)
         txt, txt_img = cat(self.text_embeds), cat(self.text_image_id)
-        uniq, first = _first_occurrence(img_id)
-        img = img[first]  # (I, D), one row per image id
-        row = torch.searchsorted(uniq, txt_img)  # uniq is sorted
-        if (row >= len(uniq)).any() or (uniq[row.clamp(max=len(uniq) - 1)] != txt_img).any():
-            raise ValueError("a text refers to an image id that is not in the evaluation set")
-        return img, txt, row
+        _, first, row = index_texts_by_image(img_id, txt_img)
+        return img[first], txt, row  # one image row per image id
 
     def compute(self) -> dict[str, float]:
         """R@K (see ``recall_at_k``) plus ``num_images`` and ``num_texts`` evaluated."""
         img, txt, row = self.gathered()
         return {**recall_at_k(img @ txt.T, row, self.ks), "num_images": len(img), "num_texts": len(txt)}
+
+
+def index_texts_by_image(image_id: torch.Tensor, text_image_id: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One row per image id: ``(ids (I,) sorted, first (I,) the row of each id's first
+    occurrence in image_id, row (T,) each text's image row)``; a text whose image id is not
+    among the images is a ValueError."""
+    ids, first = _first_occurrence(image_id)
+    row = torch.searchsorted(ids, text_image_id)  # ids are sorted
+    if (row >= len(ids)).any() or (ids[row.clamp(max=len(ids) - 1)] != text_image_id).any():
+        raise ValueError("a text refers to an image id that is not in the evaluation set")
+    return ids, first, row
 
 
 def _first_occurrence(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -517,10 +524,7 @@ def gather_pair_tokens(parts: list[tuple]) -> tuple[torch.Tensor | None, ...]:
     image_tokens, image_embeds, image_id, text_tokens, text_mask, text_embeds, text_image_id = cols
     if image_id is None or text_image_id is None:
         raise ValueError("no evaluation batches were cached on any rank")
-    ids, first = _first_occurrence(image_id)
-    index = torch.searchsorted(ids, text_image_id)
-    if (index >= len(ids)).any() or (ids[index.clamp(max=len(ids) - 1)] != text_image_id).any():
-        raise ValueError("a text refers to an image id that is not in the evaluation set")
+    ids, first, index = index_texts_by_image(image_id, text_image_id)
     image_embeds = image_embeds[first] if image_embeds is not None else None
     image_tokens = image_tokens[first] if image_tokens is not None else None
     return image_tokens, image_embeds, ids, text_tokens, text_mask, text_embeds, index
