@@ -238,7 +238,21 @@ def cli_main(args: Sequence[str] | None = None) -> object:
         if found is None:
             raise
         print(f"error: {found}", file=sys.stderr)
-        sys.exit(2)
+        exit_after_error(2)
+
+
+def exit_after_error(code: int) -> None:
+    """Exit with ``code``. A rank of a distributed run leaves at once (``os._exit``, after
+    flushing its output): at interpreter shutdown the process group's threads can still be
+    joinable and abort the process (``terminate called without an active exception``, exit
+    code -6) instead of returning ``code``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def find_vlp_error(exc: BaseException) -> VLPError | None:
