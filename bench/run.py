@@ -13,7 +13,7 @@ References: ``nn.MultiheadAttention`` (attention), timm's ViT ``Block`` (transfo
 block), open_clip's ``ClipLoss`` (ITC), a plain webdataset pipeline doing the same
 decoding, transforms and tokenisation (data), ITM re-ranking by the whole fusion per pair
 (rerank: ``bench/rerank.py``, vlp = ``rerank_with_cache``; its MiB columns are peak RSS
-growth on CPU).
+growth on CPU), transformers' ``FlavaForPreTraining`` (flava: ``bench/flava.py``).
 """
 
 from __future__ import annotations
@@ -399,6 +399,20 @@ def bench_train_workers(args, device, dtype) -> Table:
     return table
 
 
+def bench_flava(args, device, dtype) -> Table:
+    """A FLAVA training step against transformers' FlavaForPreTraining (bench/flava.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from flava import bench_flava as run
+
+    return run(args, device, dtype, Table, timeit)
+
+
+def gemm_gflops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
+    """A GEMM calibration of this machine: GFLOP/s of an n x n matmul."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / timeit(lambda: a @ b, device) / 1e9
+
+
 BENCHES = {
     "attention": bench_attention,
     "block": bench_block,
@@ -407,6 +421,7 @@ BENCHES = {
     "data": bench_data,
     "rerank": bench_rerank,
     "train_workers": bench_train_workers,
+    "flava": bench_flava,
 }
 
 
@@ -427,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"vlp bench on {name}, torch {torch.__version__}")
+    print(f"GEMM calibration: {gemm_gflops(device, DTYPES[args.dtype]):.0f} GFLOP/s ({args.dtype}, 1024^3)")
     for key in args.only.split(","):
         if key not in BENCHES:
             sys.exit(f"unknown benchmark {key!r}; choose from {', '.join(BENCHES)}")

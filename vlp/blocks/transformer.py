@@ -167,6 +167,7 @@ class Transformer(nn.Module):
         **block_kwargs,
     ) -> None:
         super().__init__()
+        self.dim = dim
         if "drop_path" in block_kwargs:
             raise ValueError("Transformer: pass drop_path_rate (spread over depth), not drop_path")
         rates = drop_path_rates(drop_path_rate, depth)
@@ -196,6 +197,24 @@ class Transformer(nn.Module):
         attn_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
+        return self.norm(
+            self.forward_blocks(
+                x, mask=mask, context=context, context_mask=context_mask, attn_mask=attn_mask, is_causal=is_causal
+            )
+        )  # (B, L, D)
+
+    def forward_blocks(
+        self,
+        x: Tensor,
+        *,
+        mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        """The blocks without the final norm → (B, L, D) (FLAVA's multimodal encoder reads a
+        tower's states before its final norm)."""
         kwargs = dict(
             mask=mask,
             context=context,
@@ -209,4 +228,4 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False, **kwargs)  # (B, L, D)
             else:
                 x = block(x, **kwargs)  # (B, L, D)
-        return self.norm(x)  # (B, L, D)
+        return x

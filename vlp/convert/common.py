@@ -49,6 +49,7 @@ class ConversionReport:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     recipe: dict | None = None
+    family: str = "ALBEF"
 
     @property
     def ok(self) -> bool:
@@ -69,7 +70,7 @@ class ConversionReport:
             return [f"    {len(ks)} key(s): {why}\n      {keys(ks)}" for why, ks in groups.items()]
 
         where = self.source + (f" -> {self.output}" if self.output else "")
-        lines = [f"ALBEF conversion {where}: {len(self.loaded)} model keys loaded"]
+        lines = [f"{self.family} conversion {where}: {len(self.loaded)} model keys loaded"]
         if self.unknown:
             lines.append(f"  UNKNOWN checkpoint keys ({len(self.unknown)}): {keys(self.unknown)}")
         if self.missing:

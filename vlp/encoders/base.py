@@ -21,6 +21,14 @@ class EncoderOutput:
     tokens: torch.Tensor  # (B, L, dim)
     pooled: torch.Tensor  # (B, pooled_dim)
     mask: torch.Tensor | None = None  # (B, L) bool, True = real token; None = all real
+    #: (B, L, dim) the states before a pre-norm tower's final norm (FLAVA's multimodal encoder
+    #: reads them); None: the tower has none apart from ``tokens``
+    hidden: torch.Tensor | None = None
+
+    @property
+    def prenorm(self) -> torch.Tensor:
+        """``hidden`` where the tower gives it, else ``tokens`` (B, L, dim)."""
+        return self.tokens if self.hidden is None else self.hidden
 
 
 class Encoder(nn.Module):

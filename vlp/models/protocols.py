@@ -20,6 +20,9 @@ decoder        ``decoder`` (a text decoder) and ``decoder_context(text_tokens, t
                image_tokens) → (context (N, L, D), mask)`` (generation objectives)
 image_types    ``embed_image(image, token_type) → (tokens, pooled)``: an image embedded
                with a chosen token type (NLVR2's second image)
+codebook       ``image_token_ids(batch) → (B, N)``: a frozen image tokenizer's codes of the
+               image (MIM / MMM targets), and ``mim_hidden`` / ``image_token_ids`` in its
+               output for batches with an ``image_mask`` (FLAVA)
 ============== ======================================================================
 """
 
@@ -66,6 +69,11 @@ class ImageTypesModel(Protocol):
     def embed_image(self, image: torch.Tensor, token_type: int = 1) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+@runtime_checkable
+class CodebookModel(Protocol):
+    def image_token_ids(self, batch: dict) -> torch.Tensor: ...
+
+
 #: capability → (its protocol, what it means, shown in errors)
 CAPABILITIES: dict[str, tuple[type, str]] = {
     "contrastive": (ContrastiveModel, "normalised image_embeds / text_embeds (ITC features)"),
@@ -74,4 +82,5 @@ CAPABILITIES: dict[str, tuple[type, str]] = {
     "momentum": (MomentumModel, "EMA (momentum) copies of its towers"),
     "decoder": (GenerativeModel, "a text decoder and decoder_context(...)"),
     "image_types": (ImageTypesModel, "embed_image(image, token_type)"),
+    "codebook": (CodebookModel, "a frozen image tokenizer whose codes are MIM targets (image_token_ids)"),
 }

@@ -1,6 +1,7 @@
 """Training objectives: each returns ``{"<name>_loss": ..., metrics}`` and owns its head."""
 
 from vlp.objectives.base import Objective
+from vlp.objectives.codebook_mim import CodebookMIM
 from vlp.objectives.generation import DenoisingLM, GenerativeITM, GenerativeVQA
 from vlp.objectives.itc import ITC
 from vlp.objectives.itm import ITM
@@ -11,6 +12,7 @@ from vlp.objectives.tasks import NLVR2, VE, VQA, Retrieval
 from vlp.utils.distributed import gather_no_grad, gather_with_grad, world_info
 
 __all__ = [
+    "CodebookMIM",
     "DenoisingLM",
     "GenerativeITM",
     "GenerativeVQA",

@@ -124,6 +124,7 @@ class Objective(nn.Module):
         """ConfigError unless ``width`` (this objective's ``arg``) equals the width of the model
         view ``view`` (a key of ``model.feature_dims()``); views the model lacks are not checked."""
         dims = model.feature_dims()
+        view = self.view_for(view, dims)
         if view in dims and dims[view] != width:
             what = (
                 f"word embeddings have {dims[view]} rows"
@@ -143,12 +144,22 @@ class Objective(nn.Module):
             self.check_width(arg, given, model, view)
             return given
         dims = model.feature_dims()
+        view = self.view_for(view, dims)
         if view not in dims:
             raise ConfigError(
                 f"objective {self.name} ({type(self).__name__}) reads the model's {view!r} features, which "
                 f"{type(model).__name__} does not have (it has {sorted(dims)}); set {type(self).__name__}({arg}: ...)"
             )
         return dims[view]
+
+    def view_for(self, view: str, dims: dict[str, int]) -> str:
+        """``view`` specialised to this objective's modalities: a model whose heads read streams
+        of different widths per batch modality names them ``<view>/<modality>`` (FLAVA: MLM on
+        ``text`` batches reads the text tower, ``mlm/text``; on ``pair`` batches the multimodal
+        encoder, ``mlm``). Used when every modality of the objective has the same one."""
+        special = {f"{view}/{m}" for m in self.modalities if f"{view}/{m}" in dims}
+        plain = any(f"{view}/{m}" not in dims for m in self.modalities)
+        return special.pop() if len(special) == 1 and not plain else view
 
     def check_batch(self, batch: dict) -> None:
         missing = [k for k in self.requires_batch if k not in batch]

@@ -57,6 +57,7 @@ class ITM(Objective):
             (ALBEF's projections then get no training signal: a warning says so).
         exclude_same_text: never use a caption identical to the positive one as a negative
             (it would be a false negative; matters for templated captions).
+        pooler: put BERT's pooler (Linear → tanh) before the binary layer (FLAVA's ITM head).
     """
 
     default_name = "itm"
@@ -76,10 +77,12 @@ class ITM(Objective):
         hard_negatives: bool = True,
         temperature: float = 0.07,
         exclude_same_text: bool = True,
+        pooler: bool = False,
     ):
         super().__init__(weight, name=name, modalities=modalities)
         self.exclude_same_text = exclude_same_text
-        self.head = nn.Linear(dim, 2) if dim is not None else None
+        self.pooler = pooler
+        self.head = self.make_head(dim) if dim is not None else None
         self.hard_negatives = hard_negatives
         self.temperature = temperature
 
@@ -103,9 +106,15 @@ class ITM(Objective):
 
     def build_head(self, model: nn.Module) -> None:
         """The binary head on the model's match features (its width read from the model)."""
-        dim = self.width_of("dim", None if self.head is None else self.head.in_features, model, "match")
+        given = None if self.head is None else next(self.head.parameters()).shape[1]
+        dim = self.width_of("dim", given, model, "match")
         if self.head is None:
-            self.head = nn.Linear(dim, 2)
+            self.head = self.make_head(dim)
+
+    def make_head(self, dim: int) -> nn.Module:
+        """Linear(dim, 2), with ``pooler`` after a Linear(dim, dim) → tanh."""
+        binary = nn.Linear(dim, 2)
+        return nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), binary) if self.pooler else binary
 
     def negatives(self, output, batch: dict, model) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices (B,) of the negative image for each text and the negative text for each image."""

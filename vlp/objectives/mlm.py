@@ -36,7 +36,10 @@ class MLM(Objective):
     over the masked positions. Needs ``data.maskers: [vlp.data.MLMMasker]``.
 
     The model provides ``mlm_hidden(input_ids, mask, image_tokens) → (B, L, dim)`` (the text
-    stream after fusion) and, for a tied decoder, ``word_embeddings() → (V, dim)``.
+    stream after fusion) and, for a tied decoder, ``word_embeddings() → (V, dim)``. A model
+    that computes the masked text's states in its forward puts them in ``output.mlm_hidden``
+    (FLAVA: the text tower's on ``text`` batches, the multimodal encoder's on pairs), read
+    instead of a second pass.
 
     Args:
         dim / vocab_size: text width and vocabulary (default: the model's fused text width and
@@ -110,7 +113,9 @@ class MLM(Objective):
 
     def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         ids, labels, mask = batch["mlm_input_ids"], batch["mlm_labels"], batch["text_mask"]
-        hidden = model.mlm_hidden(ids, mask, output.image_tokens)  # (B, L, D)
+        hidden = getattr(output, "mlm_hidden", None)  # a view the model computed already (FLAVA)
+        if hidden is None:
+            hidden = model.mlm_hidden(ids, mask, output.image_tokens)  # (B, L, D)
         target = labels != -100  # (B, L)
         tied = self.head.decoder is None
         logits = self.head(hidden[target], model.word_embeddings() if tied else None)  # (M, V)

@@ -1,0 +1,236 @@
+"""FLAVA (Singh et al., CVPR 2022, "A Foundational Language And Vision Alignment Model").
+
+    image ─► image_encoder (pre-norm ViT) ─► tokens ─► CLS ─► image_proj ─► L2 ─┐
+       └─ [masked patches] ─► states before the final norm ─► image_to_mm ─┐    ├─► ITC
+    text ─► text_encoder (BERT embeddings + pre-norm) ─► CLS ─► text_proj ─► L2 ┘
+       └─ [masked tokens] ─► states before the final norm ─► text_to_mm ───┤
+                         [CLS_M, image states, text states] ─► multimodal encoder ─► ITM, MMM
+
+The one family that also learns from unpaired data: the objectives' modalities route
+them (``image`` batches → MIM over the image tokenizer's codes, ``text`` → MLM, ``pair``
+→ contrastive + MMM (masked image and text through the multimodal encoder) + ITM).
+Every pass is a named view computed once per step: the unmasked towers (contrastive
+features, evaluation), the masked towers when the batch carries masks (``image_mask``
+from ``vlp.data.PatchMasker``, ``mlm_input_ids`` from ``vlp.data.MLMMasker``) and, for
+pairs, the multimodal pass over the masked inputs, whose CLS is ITM's positive feature
+and whose patch / text slices are MMM's. ``contrastive_on: masked`` reads the contrastive
+features off the masked towers instead (no unmasked pass in training: FLAVA's cheaper
+setting). The image tokenizer is frozen, outside the optimiser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp.encoders.base import Encoder, EncoderOutput
+from vlp.errors import ConfigError
+from vlp.eval.evaluator import Evaluator, RetrievalEvaluator
+from vlp.models.base import OptimConfig, VLPModule
+from vlp.models.outputs import VLPOutput
+from vlp.objectives.base import Objective, find_objective
+from vlp.objectives.itm import ITM
+
+
+@dataclass
+class FLAVAOutput(VLPOutput):
+    image_embeds: torch.Tensor | None = None  # (B, E) normalised contrastive features
+    text_embeds: torch.Tensor | None = None  # (B, E)
+    image_tokens: torch.Tensor | None = None  # (B, Li, Dm) image states in the multimodal width
+    text_tokens: torch.Tensor | None = None  # (B, Lt, Dm) text states in the multimodal width
+    text_mask: torch.Tensor | None = None  # (B, Lt) bool
+    fused_tokens: torch.Tensor | None = None  # (B, 1 + Li + Lt, Dm) multimodal encoder output
+    fused_cls: torch.Tensor | None = None  # (B, Dm) its CLS (ITM's positive pairs)
+    mim_hidden: torch.Tensor | None = None  # (B, N, D) patch states of the masked image
+    mlm_hidden: torch.Tensor | None = None  # (B, Lt, D) text states of the masked text
+    image_token_ids: torch.Tensor | None = None  # (B, N) the image tokenizer's codes
+
+
+class FLAVA(VLPModule):
+    """FLAVA: image, text and multimodal encoders trained on pairs and unpaired data.
+
+    Args:
+        image_encoder: the image tower (``vlp.encoders.ViTEncoder``; a timm ViT as an ablation).
+        text_encoder: the text tower (``vlp.encoders.TransformerTextEncoder``; any HF tower).
+        fusion: the multimodal encoder (``vlp.blocks.Transformer``, pre-norm with a final norm;
+            flava-full: 768 wide, 6 layers, 12 heads, eps 1e-12).
+        objectives: e.g. ``[ITC, CodebookMIM (image), MLM (text), CodebookMIM + MLM (pair,
+            named mmm_image / mmm_text), ITM]``.
+        embed_dim: contrastive width (768).
+        image_tokenizer: the frozen tokenizer whose codes are the MIM / MMM targets
+            (``vlp.tokenizers``); batches may also carry ``image_token_ids`` themselves.
+        contrastive_on: "unmasked" (the paper) or "masked" (contrastive on the masked pass).
+        rerank_k / rerank_k_t2i: ITM re-ranking of ITC candidates in retrieval evaluation.
+        optim / init_from: see :class:`~vlp.models.base.VLPModule`.
+    """
+
+    output_type = FLAVAOutput
+
+    def __init__(
+        self,
+        image_encoder: Encoder,
+        text_encoder: Encoder,
+        fusion: nn.Module,
+        objectives: list[Objective] | None = None,
+        *,
+        embed_dim: int = 768,
+        image_tokenizer: nn.Module | None = None,
+        contrastive_on: str = "unmasked",
+        rerank_k: int = 128,
+        rerank_k_t2i: int | None = None,
+        optim: OptimConfig | None = None,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__(objectives, optim=optim, init_from=init_from)
+        if contrastive_on not in ("unmasked", "masked"):
+            raise ConfigError(f"model.contrastive_on must be 'unmasked' or 'masked', got {contrastive_on!r}")
+        self.image_encoder, self.text_encoder, self.fusion = image_encoder, text_encoder, fusion
+        width = getattr(fusion, "dim", None)
+        if width is None:
+            raise ConfigError("model.fusion needs a `dim` (use vlp.blocks.Transformer)")
+        self.image_proj = nn.Linear(image_encoder.dim, embed_dim)
+        self.text_proj = nn.Linear(text_encoder.dim, embed_dim)
+        self.image_to_mm = nn.Linear(image_encoder.dim, width)
+        self.text_to_mm = nn.Linear(text_encoder.dim, width)
+        self.fusion_cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.mask_token = nn.Parameter(torch.zeros(image_encoder.dim))
+        self.image_tokenizer = image_tokenizer
+        if image_tokenizer is not None:
+            image_tokenizer.requires_grad_(False)
+        self.contrastive_on = contrastive_on
+        self.rerank_k, self.rerank_k_t2i = rerank_k, rerank_k_t2i
+        self.setup_objectives()
+
+    def capabilities(self) -> set[str]:
+        # codebook: the tokenizer's codes, or batches that carry image_token_ids themselves
+        return {"contrastive", "fusion", "masked_lm", "codebook"}
+
+    def feature_dims(self) -> dict[str, int]:
+        width = self.fusion.dim
+        dims = {
+            "itc": self.image_proj.out_features,
+            "match": width,
+            "mlm": width,
+            "mim": width,
+            "mlm/text": self.text_encoder.dim,
+            "mim/image": self.image_encoder.dim,
+            "image_tokens": self.image_encoder.dim,
+            "vocab": self.word_embeddings().shape[0],
+        }
+        if self.image_tokenizer is not None:
+            dims["image_vocab"] = self.image_tokenizer.num_codes
+        return dims
+
+    def train(self, mode: bool = True) -> FLAVA:
+        super().train(mode)
+        if self.image_tokenizer is not None:  # frozen: its norms and dropout stay in eval mode
+            self.image_tokenizer.eval()
+        return self
+
+    # -- the towers -----------------------------------------------------------------------
+    def num_patches(self) -> int:
+        grid = getattr(self.image_encoder, "grid_size", None)
+        if grid is None:
+            raise ConfigError(f"{type(self.image_encoder).__name__} has no patch grid (grid_size) for MIM")
+        return grid[0] * grid[1]
+
+    def encode_image(self, image: torch.Tensor, patch_mask: torch.Tensor | None = None) -> EncoderOutput:
+        if patch_mask is None:
+            return self.image_encoder(image)
+        return self.image_encoder(image, patch_mask=patch_mask, mask_token=self.mask_token)
+
+    def contrastive_image(self, out: EncoderOutput) -> torch.Tensor:
+        return F.normalize(self.image_proj(out.tokens[:, 0]), dim=-1)  # (B, E)
+
+    def contrastive_text(self, out: EncoderOutput) -> torch.Tensor:
+        return F.normalize(self.text_proj(out.tokens[:, 0]), dim=-1)  # (B, E)
+
+    def fuse(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """The multimodal encoder over ``[CLS_M, image, text]`` (inputs already in its width),
+        text padding masked out → (B, 1 + Li + Lt, Dm)."""
+        B, Li = image_tokens.shape[:2]
+        cls = self.fusion_cls.expand(B, -1, -1).to(image_tokens.dtype)
+        x = torch.cat([cls, image_tokens, text_tokens], dim=1)  # (B, 1 + Li + Lt, Dm)
+        keep = torch.ones(B, 1 + Li, dtype=torch.bool, device=x.device)
+        return self.fusion(x, mask=torch.cat([keep, text_mask.bool()], dim=1))
+
+    def match_features(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor):
+        """What ITM classifies: the multimodal CLS (N, Dm) of (text, image) pairs."""
+        return self.fuse(text_tokens, text_mask, image_tokens)[:, 0]
+
+    def mlm_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor | None):
+        """Masked text → its states (B, Lt, D): the text tower's tokens, or with ``image_tokens``
+        (multimodal width) the text slice of the multimodal encoder."""
+        text = self.text_encoder(input_ids, mask)
+        if image_tokens is None:
+            return text.tokens
+        return self.fuse(self.text_to_mm(text.prenorm), mask, image_tokens)[:, 1 + image_tokens.shape[1] :]
+
+    def word_embeddings(self) -> torch.Tensor:
+        """The text tower's input embedding (V, Dt)."""
+        model = getattr(self.text_encoder, "model", self.text_encoder)
+        return model.get_input_embeddings().weight
+
+    @torch.no_grad()
+    def image_token_ids(self, batch: dict) -> torch.Tensor:
+        """The MIM targets (B, N): the batch's ``image_token_ids``, else the tokenizer's codes
+        of the unmasked image (its own view ``image_<tokenizer.view>`` when the data gives one)."""
+        if "image_token_ids" in batch:
+            return batch["image_token_ids"].flatten(1)
+        if self.image_tokenizer is None:
+            raise ConfigError("MIM targets need model.image_tokenizer or batch key image_token_ids")
+        view = getattr(self.image_tokenizer, "view", None)
+        pixels = batch.get(f"image_{view}") if view else None
+        return self.image_tokenizer.tokenize(batch["image"] if pixels is None else pixels, prepared=pixels is not None)
+
+    # -- forward: the named views ---------------------------------------------------------
+    def forward(self, batch: dict) -> FLAVAOutput:
+        out = FLAVAOutput()
+        has_image, has_text = "image" in batch, "text_ids" in batch
+        image_mask = batch.get("image_mask") if has_image else None
+        mlm_ids = batch.get("mlm_input_ids") if has_text else None
+        contrast_masked = self.contrastive_on == "masked" and self.training
+        image = masked_image = text = masked_text = None
+        if has_image:
+            if image_mask is not None:
+                masked_image = self.encode_image(batch["image"], image_mask)
+                out.image_token_ids = self.image_token_ids(batch)
+            if image_mask is None or not contrast_masked:
+                image = self.encode_image(batch["image"])
+            side = masked_image if masked_image is not None else image
+            out.image_embeds = self.contrastive_image(side if contrast_masked else image)
+            out.image_tokens = self.image_to_mm(side.prenorm)  # (B, Li, Dm)
+        if has_text:
+            out.text_mask = batch["text_mask"].bool()
+            if mlm_ids is not None:
+                masked_text = self.text_encoder(mlm_ids, out.text_mask)
+            if mlm_ids is None or not contrast_masked:
+                text = self.text_encoder(batch["text_ids"], out.text_mask)
+            side = masked_text if masked_text is not None else text
+            out.text_embeds = self.contrastive_text(side if contrast_masked else text)
+            out.text_tokens = self.text_to_mm(side.prenorm)  # (B, Lt, Dm)
+        wants_fused = masked_image is not None or masked_text is not None or self.requested(batch, "fused_cls")
+        if has_image and has_text:
+            if wants_fused:
+                out.fused_tokens = self.fuse(out.text_tokens, out.text_mask, out.image_tokens)
+                out.fused_cls = out.fused_tokens[:, 0]  # (B, Dm)
+                Li = out.image_tokens.shape[1]
+                if masked_image is not None:
+                    out.mim_hidden = out.fused_tokens[:, 1 + Li - self.num_patches() : 1 + Li]  # (B, N, Dm)
+                if masked_text is not None:
+                    out.mlm_hidden = out.fused_tokens[:, 1 + Li :]  # (B, Lt, Dm)
+        elif masked_image is not None:
+            out.mim_hidden = masked_image.tokens[:, -self.num_patches() :]  # (B, N, Dv)
+        elif masked_text is not None:
+            out.mlm_hidden = masked_text.tokens  # (B, Lt, Dt)
+        return out
+
+    # -- evaluation -----------------------------------------------------------------------
+    def default_evaluator(self, modality: str) -> Evaluator | None:
+        if modality not in ("pair", "retrieval"):
+            return None
+        itm = find_objective(self, ITM)
+        return RetrievalEvaluator(itm, k=self.rerank_k, k_t2i=self.rerank_k_t2i, itm_accuracy=itm is not None)
