@@ -276,7 +276,7 @@ def test_zero_shot_runs_on_50_real_photos(tmp_path):
     manifest = convert_folder(
         root / "images", tmp_path / "inet", labels=labels, classnames=root / "classnames_templates.json"
     )
-    assert manifest.extra["num_classes"] == 1000
+    assert manifest.extra["converted"]["train"]["num_classes"] == 1000
     dm = _datamodule(
         [
             {

@@ -391,7 +391,7 @@ class WebDataModule(pl.LightningDataModule):
         return [g.sources[0].name for g in self.groups.get(stage, [])]
 
     def eval_sources(self, stage: str) -> list[dict]:
-        """Per evaluation DataLoader of ``stage``, in order: its ``name``, ``dataset`` (manifest
+        """Per evaluation DataLoader of ``stage``, in order: its ``name``, ``split``, ``dataset`` (manifest
         name), ``where`` (``data.<stage>[i]``), the manifest's ``extra`` and the source's
         ``evaluation`` options (what ``vlp.models.evaluation.EvalSource`` holds)."""
         out = []
@@ -404,6 +404,7 @@ class WebDataModule(pl.LightningDataModule):
             out.append(
                 dict(
                     name=name,
+                    split=src.split,
                     dataset=manifest.name,
                     where=where,
                     extra=dict(manifest.extra),

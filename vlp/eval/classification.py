@@ -68,6 +68,13 @@ def load_classes(path: str, templates: str | list[str] | None = None) -> tuple[l
     return names, [str(t) for t in chosen]
 
 
+def classes_of(extra: dict, split: str = "") -> str | None:
+    """The class file a manifest's ``extra`` names: ``classes`` (``vlp data synth``) or, for a
+    split written by ``vlp data convert``, ``converted.<split>.classes``."""
+    converted = (extra.get("converted") or {}).get(split) or {}
+    return extra.get("classes") or converted.get("classes")
+
+
 def check_templates(templates: list, where: str) -> None:
     """Each template is a string with one ``{}`` for the class name."""
     if not templates:
@@ -327,7 +334,7 @@ class ImageClassificationEvaluator(Evaluator):
     def configure(self, source) -> None:
         """Settings of one evaluation source (:class:`~vlp.models.evaluation.EvalSource`): its
         ``evaluation`` options (``classes``, ``templates``, ``zero_shot``, ``probe``,
-        ``probe_l2``), the class file of its manifest (``extra.classes``) and the tokenizer."""
+        ``probe_l2``), the class file of its manifest (:func:`classes_of`) and the tokenizer."""
         options, self.where = dict(source.options), source.where or "evaluation"
         label = f"{self.where} ({source.name})" if source.name else self.where
         unknown = sorted(set(options) - set(OPTIONS))
@@ -343,7 +350,7 @@ class ImageClassificationEvaluator(Evaluator):
                 raise ConfigError(f"{label}.evaluation.probe_l2 must be a penalty >= 0 or a list of them, got {l2!r}")
             self.probe_l2 = tuple(float(v) for v in l2)
         self.tokenizer = self.tokenizer or source.tokenizer
-        path = options.get("classes") or source.extra.get("classes")
+        path = options.get("classes") or classes_of(source.extra, source.split)
         templates = options.get("templates")
         if isinstance(path, list | tuple):  # the names themselves, with a template list
             if not path or not isinstance(templates, list | tuple):

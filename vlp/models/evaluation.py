@@ -33,6 +33,7 @@ class EvalSource:
     """What an evaluator may read of its evaluation source (``Evaluator.configure``)."""
 
     name: str = ""  # "<manifest name>/<split>"
+    split: str = ""  # the manifest's split
     dataset: str = ""  # the manifest's name: sources of one dataset share classes (the probe)
     where: str = ""  # "data.test[1]", for messages
     extra: dict = field(default_factory=dict)  # the manifest's extra (classes: path/to/classes.json)
