@@ -21,10 +21,13 @@ TEMPLATES = ["a {} thing.", "the {}."]
 
 
 class HashTokenizer:
-    """Words → ids 1..VOCAB-1 by a fixed hash; padded to the longest text."""
+    """Words → ids 1..vocab-1 by a fixed hash; padded to the longest text."""
+
+    def __init__(self, vocab: int = test_clip.VOCAB) -> None:
+        self.vocab = vocab
 
     def __call__(self, texts: list[str]) -> dict:
-        rows = [[1 + sum(map(ord, w)) % (test_clip.VOCAB - 1) for w in t.split()] for t in texts]
+        rows = [[1 + sum(map(ord, w)) % (self.vocab - 1) for w in t.split()] for t in texts]
         n = max(len(r) for r in rows)
         ids = torch.tensor([r + [0] * (n - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])

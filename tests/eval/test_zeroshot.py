@@ -360,3 +360,22 @@ def test_vlp_test_prints_the_classification_table(shapes, tmp_path, capsys):
     assert "zero-shot" in out and "linear probe" in out and "480 images, 24 classes" in out
     results = json.loads(next(tmp_path.rglob("test_results.json")).read_text())["results"]
     assert set(results["test/shapes_image/test"]["scores"]) >= {"zeroshot_top1", "probe_top1"}
+
+
+def test_albef_scores_zero_shot_and_probes_its_vit_cls_token():
+    from tests.eval.classification_worker import CLASSES, TEMPLATES, HashTokenizer, image_batches
+    from tests.models.test_albef import V, tiny_albef
+
+    model = tiny_albef().eval()
+    test, train = image_batches(0, [6]), image_batches(1, [12])
+    out = model(test[0])
+    torch.testing.assert_close(model.probe_features(out, test[0]), out.image_tokens[:, 0])
+    record = model.evaluate(
+        test,
+        modality="image",
+        options={"classes": CLASSES, "templates": TEMPLATES, "probe_l2": 0.1},
+        tokenizer=HashTokenizer(V),
+        probe_train=train,
+    )
+    assert set(record["scores"]) == {"zeroshot_top1", "zeroshot_top5", "probe_top1", "probe_top5"}
+    assert record["num_images"] == 6 and record["probe_train_images"] == 12
