@@ -64,6 +64,9 @@ class Source:
             ``mixing: weights`` or ``sample`` (default 1).
         views: extra views of each image, ``{name: {size, norm, crop_scale}}`` (default:
             the module's ``views``); the batch gets ``image_<name>`` next to ``image``.
+        evaluation: options of this evaluation source's evaluator, e.g. for an image split
+            ``{classes: path/to/classes.json, templates: simple_imagenet_templates}``, or
+            ``{probe_train: true}``: the linear probe's training split (docs/evaluation.md).
 
     Sources of one modality form one group (one batch stream): the group settings above
     given on several of its sources must agree.
@@ -77,6 +80,7 @@ class Source:
     maskers: list[Masker] | None = None
     mix_weight: float | None = None
     views: dict[str, dict] | None = None
+    evaluation: dict | None = None
 
 
 #: Source settings that belong to its modality group (None: the module's default).
@@ -385,6 +389,29 @@ class WebDataModule(pl.LightningDataModule):
         if stage not in self.groups:
             self.setup({"val": "validate", "test": "test", "predict": "predict"}[stage])
         return [g.sources[0].name for g in self.groups.get(stage, [])]
+
+    def eval_sources(self, stage: str) -> list[dict]:
+        """Per evaluation DataLoader of ``stage``, in order: its ``name``, ``split``, ``dataset`` (manifest
+        name), ``where`` (``data.<stage>[i]``), the manifest's ``extra`` and the source's
+        ``evaluation`` options (what ``vlp.models.evaluation.EvalSource`` holds)."""
+        out = []
+        for i, src in enumerate(self.sources[stage]):
+            where = f"data.{stage}[{i}]"
+            if src.evaluation is not None and not isinstance(src.evaluation, dict):
+                raise ConfigError(f"{where}.evaluation must be a mapping of options, got {src.evaluation!r}")
+            manifest = load_manifest(resolve_path(src.manifest))
+            name = f"{manifest.name}/{src.split}"
+            out.append(
+                dict(
+                    name=name,
+                    split=src.split,
+                    dataset=manifest.name,
+                    where=where,
+                    extra=dict(manifest.extra),
+                    options=dict(src.evaluation or {}),
+                )
+            )
+        return out
 
     def eval_source_modalities(self, stage: str) -> list[str]:
         """Modalities of the evaluation DataLoaders of ``stage``, in order (the model creates

@@ -11,7 +11,9 @@ forward; with the EMA taken right after step t-1 this equals the paper's update 
 start of step t. Callbacks run after it, so a checkpoint written at the end of a step
 holds the updated copies and queues. Evaluation: retrieval over the whole split, ITC
 similarities first, then ITM re-ranking of the top-k candidates
-(:class:`~vlp.eval.evaluator.RetrievalEvaluator`, shared with the Retrieval head).
+(:class:`~vlp.eval.evaluator.RetrievalEvaluator`, shared with the Retrieval head); image
+splits: zero-shot classification with the ITC features and a linear probe on the ViT's CLS
+token (:mod:`vlp.eval.classification`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 
 from vlp.encoders.base import Encoder
 from vlp.errors import ConfigError
+from vlp.eval.classification import ImageClassificationEvaluator
 from vlp.eval.evaluator import Evaluator, RetrievalEvaluator
 from vlp.models.base import OptimConfig, VLPModule
 from vlp.models.outputs import VLPOutput
@@ -253,11 +256,17 @@ class ALBEF(VLPModule):
 
     # -- evaluation: ITC over the split, then ITM re-ranking ------------------------------------
     def default_evaluator(self, modality: str) -> Evaluator | None:
+        if modality == "image":
+            return ImageClassificationEvaluator()
         if modality not in ("pair", "retrieval"):
             return None
         return RetrievalEvaluator(
             find_objective(self, ITM), k=self.rerank_k, k_t2i=self.rerank_k_t2i, itm_accuracy=True
         )
+
+    def probe_features(self, output: ALBEFOutput, batch: dict) -> torch.Tensor:
+        """The linear probe reads the ViT's CLS token before the ITC projection (B, Dv)."""
+        return output.image_tokens[:, 0]
 
     def fused_pair_scorer(self, score):
         """BertFusion caches each image's cross-attention keys/values and each caption's first

@@ -6,7 +6,9 @@
 
 Evaluation: image↔text retrieval R@1/5/10 over the whole split (several captions per
 image allowed, any number of samples per rank), gathered across ranks; the table is
-printed after ``vlp test``. Image-only and text-only batches embed one side.
+printed after ``vlp test``. Image splits: zero-shot classification and a linear probe on
+the pooled image features (:mod:`vlp.eval.classification`). Image-only and text-only
+batches embed one side.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from vlp.encoders.base import Encoder
 from vlp.errors import ConfigError
+from vlp.eval.classification import ImageClassificationEvaluator
 from vlp.eval.evaluator import Evaluator, RetrievalEvaluator
 from vlp.models.base import OptimConfig, VLPModule
 from vlp.models.outputs import DualEncoderOutput
@@ -100,11 +103,14 @@ class CLIP(VLPModule):
         """The embeddings of the batch's images and texts (either may be absent)."""
         out = DualEncoderOutput()
         if "image" in batch:
-            out.image_embeds = self.encode_image(batch["image"])
+            out.image_pooled = self.image_encoder(batch["image"]).pooled  # (B, Dv)
+            out.image_embeds = F.normalize(self.image_proj(out.image_pooled), dim=-1)  # (B, E)
         if "text_ids" in batch:
             out.text_embeds = self.encode_text(batch["text_ids"], batch["text_mask"])
         return out
 
     # -- evaluation -----------------------------------------------------------------------
     def default_evaluator(self, modality: str) -> Evaluator | None:
+        if modality == "image":
+            return ImageClassificationEvaluator()
         return RetrievalEvaluator() if modality in ("pair", "retrieval") else None

@@ -6,35 +6,94 @@ evaluates the source's modality (``Objective.evaluator``: VQA, VE, NLVR2, Retrie
 the family's ``default_evaluator``. Each batch updates its source's evaluator; at the end
 every rank computes (the evaluators gather any number of samples per rank), the scores
 are logged under ``<stage>[/<source>]/...``, kept in ``results`` and, on test, printed.
+
+A source's ``evaluation`` options reach its evaluator's ``configure(source)``
+(:class:`EvalSource`); a source with ``evaluation: {probe_train: true}`` is not scored but
+collects :meth:`EvaluationLoop.probe_features` for the linear probe of the other image
+sources of its dataset (:mod:`vlp.eval.classification`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from vlp.errors import ConfigError
+from vlp.eval.classification import ProbeFeatures
 from vlp.eval.evaluator import Evaluator, HeadEvaluator
 
 if TYPE_CHECKING:
     from vlp.objectives.base import Objective
 
 
+@dataclass
+class EvalSource:
+    """What an evaluator may read of its evaluation source (``Evaluator.configure``)."""
+
+    name: str = ""  # "<manifest name>/<split>"
+    split: str = ""  # the manifest's split
+    dataset: str = ""  # the manifest's name: sources of one dataset share classes (the probe)
+    where: str = ""  # "data.test[1]", for messages
+    extra: dict = field(default_factory=dict)  # the manifest's extra (classes: path/to/classes.json)
+    options: dict = field(default_factory=dict)  # the source's evaluation options
+    tokenizer: object = None  # the datamodule's tokenizer
+
+
 class EvaluationLoop:
     """Validation and test hooks, evaluator lifecycle and ``evaluate()`` without a Trainer."""
 
-    def evaluator_for(self, modality: str) -> Evaluator | None:
+    def evaluator_for(self, modality: str, source: EvalSource | None = None) -> Evaluator | None:
         """A fresh evaluator of ``modality`` batches: the objective that evaluates that modality
-        (``Objective.evaluator``: task heads), else the family's :meth:`default_evaluator`."""
-        found = next(
-            (e for o in self.objectives.values() if modality in o.eval_modalities if (e := o.evaluator(self))),
-            None,
-        )
-        found = found or self.default_evaluator(modality)
+        (``Objective.evaluator``: task heads), else the family's :meth:`default_evaluator`;
+        configured with ``source`` (its ``configure(source)``). A ``probe_train`` source gets
+        a :class:`~vlp.eval.classification.ProbeFeatures` collector."""
+        source = source or EvalSource()
+        if source.options.get("probe_train"):
+            found = ProbeFeatures()
+        else:
+            found = next(
+                (e for o in self.objectives.values() if modality in o.eval_modalities if (e := o.evaluator(self))),
+                None,
+            )
+            found = found or self.default_evaluator(modality)
+        if found is not None and hasattr(found, "configure"):
+            found.configure(source)
+        elif found is not None and source.options:
+            raise ConfigError(
+                f"{source.where or 'evaluation'} ({source.name}): evaluation options {sorted(source.options)} "
+                f"are not used by {type(found).__name__}"
+            )
         if found is not None:
             found.model = self  # a rank without batches still scores the gathered pairs
         return found
+
+    def probe_features(self, output, batch: dict) -> torch.Tensor:
+        """(B, D) frozen image features of the linear probe: the output's un-normalised pooled
+        ``image_pooled`` when it has one, else ``image_embeds``. Override to probe another view."""
+        for name in ("image_pooled", "image_embeds"):
+            value = getattr(output, name, None)
+            if value is not None:
+                return value
+        raise ConfigError(f"{type(self).__name__} gave no image_pooled / image_embeds to probe")
+
+    def link_probes(self, evaluators: list[Evaluator | None], where: str = "evaluation") -> None:
+        """Hand each ``probe_train`` collector to the evaluators of its dataset that probe
+        (``use_probe``); a collector nobody uses is a ConfigError."""
+        for collector in [e for e in evaluators if isinstance(e, ProbeFeatures)]:
+            users = [
+                e
+                for e in evaluators
+                if hasattr(e, "use_probe") and getattr(e, "dataset", None) == collector.dataset and e.probe
+            ]
+            if not users:
+                raise ConfigError(
+                    f"{where}: {collector.name} is a probe_train source but no other image source of "
+                    f"{collector.dataset!r} in this stage probes with it: add the split to evaluate"
+                )
+            for user in users:
+                user.use_probe(collector)
 
     def default_evaluator(self, modality: str) -> Evaluator | None:
         """The family's evaluation of ``modality`` data no task head handles (None: refused)."""
@@ -55,7 +114,11 @@ class EvaluationLoop:
         split still takes part in each evaluator's collectives)."""
         dm = self._datamodule()
         modalities = dm.eval_source_modalities(stage) if hasattr(dm, "eval_source_modalities") else []
-        self._evaluators[stage] = [self.evaluator_for(m) for m in modalities]
+        infos = dm.eval_sources(stage) if hasattr(dm, "eval_sources") else [{} for _ in modalities]
+        tokenizer = getattr(dm, "tokenizer", None)
+        sources = [EvalSource(**info, tokenizer=tokenizer) for info in infos]
+        self._evaluators[stage] = [self.evaluator_for(m, s) for m, s in zip(modalities, sources, strict=True)]
+        self.link_probes(self._evaluators[stage], f"data.{stage}")
 
     def _eval_batch(self, stage: str, batch: dict, idx: int) -> None:
         evaluators = self._evaluators.setdefault(stage, [])
@@ -77,6 +140,8 @@ class EvaluationLoop:
             if evaluator is None:
                 continue
             scores = evaluator.compute()
+            if not scores and isinstance(evaluator, ProbeFeatures):
+                continue  # a probe's training split: scored through the sources it feeds
             name = names[idx] if idx < len(names) else stage
             prefix = stage if len(names) <= 1 else f"{stage}/{name}"
             keys = {k: (f"{evaluator.task}_{k}" if evaluator.prefix_scores else k) for k in scores}
@@ -90,12 +155,36 @@ class EvaluationLoop:
                 self.report("\n" + evaluator.table(scores, title) + "\n")
 
     @torch.no_grad()
-    def evaluate(self, batches, stage: str = "test", modality: str | None = None) -> dict:
+    def evaluate(
+        self,
+        batches,
+        stage: str = "test",
+        modality: str | None = None,
+        *,
+        options: dict | None = None,
+        tokenizer=None,
+        probe_train=None,
+    ) -> dict:
         """Evaluate on ``batches`` (an iterable of batch dicts of one source) without a Trainer,
         as ``vlp test`` does for one loader: → the result record (scores, chance, counts),
         also kept in ``self.results[stage]``. Under torch.distributed every rank calls it
-        with its own share; pass ``modality`` so that a rank with no batch takes part."""
-        self._evaluators[stage] = [self.evaluator_for(modality)] if modality else []
+        with its own share; pass ``modality`` so that a rank with no batch takes part.
+        ``options`` are the source's ``evaluation`` options (``classes``, ...), ``tokenizer``
+        writes zero-shot prompts, ``probe_train`` (batches of the probe's training split, this
+        rank's share) fits a linear probe."""
+        if options or tokenizer is not None or probe_train is not None:
+            if not modality:
+                raise ConfigError("evaluate(options= / tokenizer= / probe_train=) needs modality=")
+            source = EvalSource(name=stage, options=dict(options or {}), tokenizer=tokenizer)
+            evaluator = self.evaluator_for(modality, source)
+            if probe_train is not None:
+                collector = self.evaluator_for(modality, EvalSource(name="probe_train", options={"probe_train": True}))
+                for batch in probe_train:
+                    collector.update(self, self(batch), batch)
+                self.link_probes([collector, evaluator])
+            self._evaluators[stage] = [evaluator]
+        else:
+            self._evaluators[stage] = [self.evaluator_for(modality)] if modality else []
         for batch in batches:
             self._eval_batch(stage, batch, 0)
         self._finish_evaluation(stage)
