@@ -28,6 +28,7 @@ from torch import nn
 
 from vlp.encoders.base import Encoder, EncoderOutput
 from vlp.errors import ConfigError
+from vlp.eval.classification import ImageClassificationEvaluator
 from vlp.eval.evaluator import Evaluator, RetrievalEvaluator
 from vlp.models.base import OptimConfig, VLPModule
 from vlp.models.outputs import VLPOutput
@@ -38,6 +39,7 @@ from vlp.objectives.itm import ITM
 @dataclass
 class FLAVAOutput(VLPOutput):
     image_embeds: torch.Tensor | None = None  # (B, E) normalised contrastive features
+    image_pooled: torch.Tensor | None = None  # (B, Dv) the image tower's CLS (linear probe)
     text_embeds: torch.Tensor | None = None  # (B, E)
     image_tokens: torch.Tensor | None = None  # (B, Li, Dm) image states in the multimodal width
     text_tokens: torch.Tensor | None = None  # (B, Lt, Dm) text states in the multimodal width
@@ -201,6 +203,8 @@ class FLAVA(VLPModule):
             if image_mask is None or not contrast_masked:
                 image = self.encode_image(batch["image"])
             side = masked_image if masked_image is not None else image
+            if image is not None:
+                out.image_pooled = image.tokens[:, 0]  # (B, Dv)
             out.image_embeds = self.contrastive_image(side if contrast_masked else image)
             out.image_tokens = self.image_to_mm(side.prenorm)  # (B, Li, Dm)
         if has_text:
@@ -230,6 +234,10 @@ class FLAVA(VLPModule):
 
     # -- evaluation -----------------------------------------------------------------------
     def default_evaluator(self, modality: str) -> Evaluator | None:
+        """Image splits: zero-shot classification and a linear probe on the image tower's CLS;
+        pair / retrieval splits: ITC retrieval, re-ranked by ITM when the model has one."""
+        if modality == "image":
+            return ImageClassificationEvaluator()
         if modality not in ("pair", "retrieval"):
             return None
         itm = find_objective(self, ITM)
