@@ -10,6 +10,7 @@ from transformers import FlavaImageCodebook, FlavaImageCodebookConfig
 
 from vlp.data.transforms import NORMS
 from vlp.errors import CheckpointError, ConfigError
+from vlp.models.optim import OptimConfig, param_groups
 from vlp.tokenizers import DalleTokenizer, to_unit
 
 
@@ -105,8 +106,15 @@ def test_frozen_inside_a_parent(reference):
     assert not any(p.requires_grad for p in tok.parameters())
     trainable = [p for p in parent.parameters() if p.requires_grad]
     assert len(trainable) == 2  # the head's weight and bias only
+    names = [n for g in param_groups(parent, OptimConfig()) for n in g["names"]]
+    assert sorted(names) == ["head.bias", "head.weight"]  # the optimiser never sees the tokenizer
     pixels = torch.rand(1, 3, 16, 16, requires_grad=True)
-    assert not tok(pixels).requires_grad
+    ids = tok(pixels)
+    assert not ids.requires_grad
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # targets are computed in fp32 whatever the run's precision
+        assert torch.equal(tok(pixels), ids)
+        assert tok.probs(pixels).dtype == torch.float32
+    assert "DalleTokenizer(\n  num_codes=64, patch_size=8" in repr(tok)
     # its weights travel in the parent's state dict under the parent's attribute name
     assert "image_tokenizer.blocks.input.weight" in parent.state_dict()
 

@@ -123,5 +123,11 @@ def test_data_tokenizer_command(tmp_path):
     again = tmp_path / "again.safetensors"
     data_main([*args[:4], str(again), *args[5:]])
     assert torch.equal(KMeansTokenizer(str(again)).centroids, tok.centroids)  # same seed, same file
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(f"name: toy\nmodality: pair\nsplits:\n  train: {{urls: {shard}, num_samples: 41}}\n")
+    from_manifest = data_main(
+        ["tokenizer", "--data", str(manifest), "--out", str(tmp_path / "m.safetensors"), *args[5:]]
+    )
+    assert from_manifest["source"] == "toy/train" and from_manifest["images"] == 40
     with pytest.raises(ConfigError, match="image_size 30 is not a multiple of the patch size 8"):
         data_main([*args[:-1], "30"])

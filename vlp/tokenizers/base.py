@@ -64,6 +64,9 @@ class ImageTokenizer(nn.Module):
         # a frozen tokenizer stays in eval mode whatever its parent asks
         return super().train(False)
 
+    def extra_repr(self) -> str:
+        return f"num_codes={self.num_codes}, patch_size={self.patch_size}"
+
     def input_size(self, grid: int | tuple[int, int]) -> tuple[int, int]:
         """The (H, W) in pixels of the input that gives a ``grid`` of tokens."""
         h, w = _pair(grid)
@@ -93,7 +96,9 @@ class ImageTokenizer(nn.Module):
         self.check_input(pixels)
         if not pixels.is_floating_point():
             pixels = pixels.float() / 255
-        return self.tokenize(pixels.float())
+        # targets must not depend on the run's precision: no autocast inside the tokenizer
+        with torch.autocast(pixels.device.type, enabled=False):
+            return self.tokenize(pixels.float())
 
     def get_codebook_indices(self, pixels: torch.Tensor) -> torch.Tensor:
         """The name transformers' ``FlavaImageCodebook`` uses for :meth:`forward`."""

@@ -233,7 +233,8 @@ class DalleTokenizer(ImageTokenizer):
     def probs(self, pixels: torch.Tensor) -> torch.Tensor:
         """Softmax over codes (B, num_codes, H / 8, W / 8): soft MIM targets."""
         self.check_input(pixels)
-        return self.logits(pixels.float()).softmax(dim=1)
+        with torch.autocast(pixels.device.type, enabled=False):
+            return self.logits(pixels.float()).softmax(dim=1)
 
     def tokenize(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.logits(pixels).argmax(dim=1)  # (B, h, w)

@@ -142,6 +142,9 @@ class KMeansTokenizer(ImageTokenizer):
         tokenizer._build(centroids, patch_size, pool, normalize)
         return tokenizer
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pool={self.pool}, normalize={self.normalize}"
+
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] → (B, N, D) patch features as the centroids see them."""
         return patch_features(pixels, self.patch_size, self.pool, self.normalize)
