@@ -1,4 +1,5 @@
-"""``vlp data synth | inspect | convert``: make, look at and bring data."""
+"""``vlp data synth | inspect | convert | tokenizer``: make, look at and bring data, and build
+an image tokenizer from it."""
 
 from __future__ import annotations
 
@@ -55,12 +56,49 @@ def _parser() -> argparse.ArgumentParser:
         help="a repeated (image, caption) row: stop with an error, drop the repeat (listed as skipped) or keep it",
     )
     c.add_argument("--max-skip-fraction", type=float, default=0.05, help="stop when more of the listed images are lost")
+
+    t = sub.add_parser("tokenizer", help="fit a k-means patch tokenizer (MIM/MMM targets) on images of shards")
+    t.add_argument("--data", required=True, help="a manifest YAML, a shard path or a brace pattern")
+    t.add_argument("--split", default=None, help="manifest split (default: train, else the only one)")
+    t.add_argument("--out", required=True, help="the tokenizer file to write, e.g. data/shapes_tokenizer.safetensors")
+    t.add_argument("--codes", type=int, default=512, help="vocabulary size (centroids)")
+    t.add_argument("--patch", type=int, default=8, help="pixels per patch side: the model's patch size")
+    t.add_argument("--image-size", "--image_size", type=int, default=32, help="the model's image side in pixels")
+    t.add_argument("--pool", type=int, default=4, help="patch feature: pool x pool RGB cells (0: every pixel)")
+    t.add_argument("--normalize", action="store_true", help="normalise each patch feature (drops colour)")
+    t.add_argument("--max-images", "--max_images", type=int, default=5000, help="images to read")
+    t.add_argument("--iters", type=int, default=25, help="k-means iterations at most")
+    t.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def data_main(args: list[str]) -> object:
     ns = _parser().parse_args(args)
-    return {"synth": _synth, "inspect": _inspect, "convert": _convert}[ns.command](ns)
+    return {"synth": _synth, "inspect": _inspect, "convert": _convert, "tokenizer": _tokenizer}[ns.command](ns)
+
+
+def _tokenizer(ns: argparse.Namespace) -> dict:
+    from vlp.tokenizers import build_kmeans_tokenizer
+
+    info = build_kmeans_tokenizer(
+        ns.data,
+        ns.out,
+        codes=ns.codes,
+        patch_size=ns.patch,
+        image_size=ns.image_size,
+        pool=ns.pool or None,
+        normalize=ns.normalize,
+        max_images=ns.max_images,
+        iters=ns.iters,
+        seed=ns.seed,
+        split=ns.split,
+    )
+    print(
+        f"wrote a {info['codes']}-code k-means tokenizer to {ns.out} in {info['seconds']:.1f}s "
+        f"({info['images']} images of {info['source']}, {info['patches']} patches, {info['codes_used']} codes used, "
+        f"mean squared error {info['mse']:.4f})"
+    )
+    return info
 
 
 def _synth(ns: argparse.Namespace) -> dict:
