@@ -20,6 +20,8 @@ ABLATIONS = sorted((REPO / "recipes" / "ablations").glob("*.yaml"))
 
 
 def _base_of(ablation: Path) -> Path:
+    if ablation.name.startswith("flava"):
+        return REPO / "recipes" / ("tiny/flava.yaml" if "_tiny_" in ablation.name else "flava_full.yaml")
     if ablation.name.startswith("meter"):
         if ablation.name.endswith("_vqa.yaml"):
             return REPO / "recipes/finetune/tiny_meter_vqa.yaml"
@@ -82,6 +84,12 @@ def test_ablation_stacks_on_its_base(ablation, capsys):
             assert printed["data"]["init_args"]["image_size"] == 384
         assert ("MIM" in names) == ("_mim" in ablation.name)
         assert model["fusion"]["class_path"].endswith("MergedAttentionFusion") == ("merged" in ablation.name)
+    elif ablation.name.startswith("flava"):  # FLAVA_C: contrastive only; FLAVA_MM: + MMM + ITM, pairs only
+        assert names[0] == "ITC" and (names == ["ITC"]) == ablation.name.endswith("_contrastive.yaml")
+        modalities = {(o.get("init_args", {}).get("modalities") or ["pair"])[0] for o in model["objectives"]}
+        assert modalities == {"pair"}
+        sources = printed["data"]["init_args"]["train"]
+        assert {Path(s["manifest"]).stem for s in sources} & {"shapes_image", "shapes_text", "imagenet1k"} == set()
     else:
         assert ("MomentumITC" in names) == ("_itc_" in ablation.name)
 

@@ -15,23 +15,25 @@ from vlp.encoders import TransformerTextEncoder, ViTEncoder
 from vlp.errors import ConfigError
 from vlp.models import FLAVA
 from vlp.objectives import ITC, ITM, MLM, CodebookMIM
+from vlp.tokenizers import ImageTokenizer
 
 B, L, IMAGE, PATCH, VOCAB, CODES = 4, 8, 16, 4, 60, 12
 N = (IMAGE // PATCH) ** 2
 
 
-class ColourTokenizer(torch.nn.Module):
+class ColourTokenizer(ImageTokenizer):
     """A frozen toy tokenizer: the code of a patch is its mean red value, binned."""
 
-    num_codes = CODES
+    num_codes, patch_size = CODES, PATCH
 
     def __init__(self) -> None:
         super().__init__()
         self.scale = torch.nn.Parameter(torch.ones(()))  # a parameter that must stay frozen
+        self.freeze()
 
-    def tokenize(self, images: torch.Tensor, prepared: bool = False) -> torch.Tensor:
-        red = F.avg_pool2d(images[:, :1] * self.scale, PATCH).flatten(1)  # (B, N)
-        return ((red.sigmoid() * CODES).long()).clamp_(0, CODES - 1)
+    def tokenize(self, pixels: torch.Tensor) -> torch.Tensor:
+        red = F.avg_pool2d(pixels[:, :1] * self.scale, PATCH)[:, 0]  # (B, h, w) in [0, 1]
+        return (red * CODES).long().clamp_(0, CODES - 1)
 
 
 def objectives() -> list:
@@ -132,7 +134,7 @@ def test_mim_loss_is_cross_entropy_over_masked_patches_only():
         got = model.objectives["mim"](out, x, model)["mim_loss"]
         head = model.objectives["mim"].head
         logits = head(out.mim_hidden)  # (B, N, K) every patch
-        codes = model.image_tokenizer.tokenize(x["image"])
+        codes = model.image_tokenizer.encode(x["image"], norm="clip", grid=(IMAGE // PATCH,) * 2).flatten(1)
         picked = torch.stack(
             [-logits[b, n].log_softmax(-1)[codes[b, n]] for b in range(B) for n in range(N) if x["image_mask"][b, n]]
         )
@@ -209,3 +211,15 @@ def test_image_batches_without_targets_or_tokenizer_get_a_sentence():
 def test_itc_starts_at_the_paper_temperature():
     model = flava()
     assert math.isclose(float(model.objectives["itc"].scale().detach()), 1 / 0.07, rel_tol=1e-6)
+
+
+def test_mim_targets_come_from_the_tokenizers_view_when_the_batch_has_one():
+    model = flava().eval()
+    x = batch("image")
+    view = torch.rand(B, 3, IMAGE, IMAGE)  # [0, 1] pixels of "the same crop"
+    with torch.no_grad():
+        from_view = model(dict(x, image_codebook=view)).image_token_ids
+        from_image = model(x).image_token_ids
+    assert torch.equal(from_view, model.image_tokenizer(view).flatten(1))
+    assert torch.equal(from_image, model.image_tokenizer.encode(x["image"], norm="clip", grid=(4, 4)).flatten(1))
+    assert not torch.equal(from_view, from_image)

@@ -65,6 +65,8 @@ class FLAVA(VLPModule):
         image_tokenizer: the frozen tokenizer whose codes are the MIM / MMM targets
             (``vlp.tokenizers``); batches may also carry ``image_token_ids`` themselves.
         contrastive_on: "unmasked" (the paper) or "masked" (contrastive on the masked pass).
+        tokenizer_view: the data view the tokenizer reads (``views: {codebook: {size: 112,
+            norm: unit}}`` gives ``image_codebook``); without it the tokenizer reads ``image``.
         rerank_k / rerank_k_t2i: ITM re-ranking of ITC candidates in retrieval evaluation.
         optim / init_from: see :class:`~vlp.models.base.VLPModule`.
     """
@@ -81,6 +83,7 @@ class FLAVA(VLPModule):
         embed_dim: int = 768,
         image_tokenizer: nn.Module | None = None,
         contrastive_on: str = "unmasked",
+        tokenizer_view: str | None = "codebook",
         rerank_k: int = 128,
         rerank_k_t2i: int | None = None,
         optim: OptimConfig | None = None,
@@ -103,6 +106,8 @@ class FLAVA(VLPModule):
         if image_tokenizer is not None:
             image_tokenizer.requires_grad_(False)
         self.contrastive_on = contrastive_on
+        self.tokenizer_view = tokenizer_view
+        self.image_norm = "clip"  # the data's norm, set when the model meets the data (check_data)
         self.rerank_k, self.rerank_k_t2i = rerank_k, rerank_k_t2i
         self.setup_objectives()
 
@@ -178,15 +183,25 @@ class FLAVA(VLPModule):
 
     @torch.no_grad()
     def image_token_ids(self, batch: dict) -> torch.Tensor:
-        """The MIM targets (B, N): the batch's ``image_token_ids``, else the tokenizer's codes
-        of the unmasked image (its own view ``image_<tokenizer.view>`` when the data gives one)."""
+        """The MIM targets (B, N): the batch's ``image_token_ids``, else the tokenizer's codes of
+        the unmasked image: of the data's view ``image_<tokenizer_view>`` ([0, 1] pixels of the
+        same crop) when the batch has it, else of ``image`` (its normalisation undone with
+        the data's ``norm``, resized to the tower's patch grid)."""
         if "image_token_ids" in batch:
             return batch["image_token_ids"].flatten(1)
         if self.image_tokenizer is None:
             raise ConfigError("MIM targets need model.image_tokenizer or batch key image_token_ids")
-        view = getattr(self.image_tokenizer, "view", None)
-        pixels = batch.get(f"image_{view}") if view else None
-        return self.image_tokenizer.tokenize(batch["image"] if pixels is None else pixels, prepared=pixels is not None)
+        view = batch.get(f"image_{self.tokenizer_view}") if self.tokenizer_view else None
+        if view is not None:
+            return self.image_tokenizer(view).flatten(1)
+        grid = getattr(self.image_encoder, "grid_size", None)
+        return self.image_tokenizer.encode(batch["image"], norm=self.image_norm, grid=grid).flatten(1)
+
+    def check_data(self, datamodule) -> None:
+        """The towers and objectives against the data (``VLPModule.check_data``); the data's
+        ``norm`` is what the image tokenizer undoes when no view of its own is given."""
+        super().check_data(datamodule)
+        self.image_norm = getattr(datamodule, "norm", self.image_norm)
 
     # -- forward: the named views ---------------------------------------------------------
     def forward(self, batch: dict) -> FLAVAOutput:
