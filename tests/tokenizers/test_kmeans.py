@@ -37,6 +37,7 @@ def test_nearest_centroid_on_a_two_centroid_toy():
     image[..., 2:4, 0:2] = 0.4  # bottom left: nearer black → 0
     image[..., 2:4, 4:6] = 0.6  # bottom right: nearer white → 1
     assert tok(image).tolist() == [[[0, 1, 0], [0, 0, 1]]]
+    assert tok.to(torch.bfloat16)(image.bfloat16()).tolist() == [[[0, 1, 0], [0, 0, 1]]]
     assert tok.num_codes == 2 and not any(True for _ in tok.parameters())  # centroids are a buffer
 
 
