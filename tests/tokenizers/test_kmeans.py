@@ -130,5 +130,8 @@ def test_data_tokenizer_command(tmp_path):
         ["tokenizer", "--data", str(manifest), "--out", str(tmp_path / "m.safetensors"), *args[5:]]
     )
     assert from_manifest["source"] == "toy/train" and from_manifest["images"] == 40
+    small = ["tokenizer", "--data", shard, "--out", str(tmp_path / "p2.safetensors"), "--codes", "4", "--patch", "2"]
+    data_main(small)  # 4 does not divide a 2 px patch: every pixel is a feature
+    assert KMeansTokenizer(str(tmp_path / "p2.safetensors")).pool is None
     with pytest.raises(ConfigError, match="image_size 30 is not a multiple of the patch size 8"):
         data_main([*args[:-1], "30"])
