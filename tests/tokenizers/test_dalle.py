@@ -71,13 +71,21 @@ def test_loads_files_folders_and_flava_full_prefix(reference, tmp_path):
 def test_bad_checkpoints_name_their_keys(reference, tmp_path):
     state = dict(reference.state_dict())
     extra = {**state, "blocks.output.conv.extra": torch.zeros(1)}
-    with pytest.raises(CheckpointError, match=r"unknown keys \['blocks.output.conv.extra'\]"):
+    with pytest.raises(CheckpointError, match=r"1 unknown keys \['blocks.output.conv.extra'\]"):
         DalleTokenizer.from_state_dict(extra)
     short = {k: v for k, v in state.items() if k != "blocks.group_2.group.block_1.id_path.weight"}
-    with pytest.raises(CheckpointError, match=r"missing keys \['blocks.group_2.group.block_1.id_path.weight'\]"):
+    with pytest.raises(CheckpointError, match=r"1 missing keys \['blocks.group_2.group.block_1.id_path.weight'\]"):
         DalleTokenizer.from_state_dict(short)
     with pytest.raises(CheckpointError, match="no codebook keys"):
         DalleTokenizer.from_state_dict({"encoder.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="expected blocks.input.weight"):
+        DalleTokenizer.from_state_dict({"blocks.input.weight": torch.zeros(4, 3, 7, 7)})
+    wide = {**state, "blocks.output.conv.bias": torch.zeros(65)}
+    with pytest.raises(CheckpointError, match=r"1 wrong shapes \['blocks.output.conv.bias \(65,\) != \(64,\)'\]"):
+        DalleTokenizer.from_state_dict(wide)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="list.pt does not hold a state dict of tensors"):
+        DalleTokenizer(str(tmp_path / "list.pt"))
     with pytest.raises(ConfigError, match="does not exist"):
         DalleTokenizer(str(tmp_path / "nope.safetensors"))
     (tmp_path / "empty").mkdir()

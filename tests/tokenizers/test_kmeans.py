@@ -37,6 +37,7 @@ def test_nearest_centroid_on_a_two_centroid_toy():
     image[..., 2:4, 0:2] = 0.4  # bottom left: nearer black → 0
     image[..., 2:4, 4:6] = 0.6  # bottom right: nearer white → 1
     assert tok(image).tolist() == [[[0, 1, 0], [0, 0, 1]]]
+    assert tok.to(torch.bfloat16)(image.bfloat16()).tolist() == [[[0, 1, 0], [0, 0, 1]]]
     assert tok.num_codes == 2 and not any(True for _ in tok.parameters())  # centroids are a buffer
 
 
@@ -129,5 +130,8 @@ def test_data_tokenizer_command(tmp_path):
         ["tokenizer", "--data", str(manifest), "--out", str(tmp_path / "m.safetensors"), *args[5:]]
     )
     assert from_manifest["source"] == "toy/train" and from_manifest["images"] == 40
+    small = ["tokenizer", "--data", shard, "--out", str(tmp_path / "p2.safetensors"), "--codes", "4", "--patch", "2"]
+    data_main(small)  # 4 does not divide a 2 px patch: every pixel is a feature
+    assert KMeansTokenizer(str(tmp_path / "p2.safetensors")).pool is None
     with pytest.raises(ConfigError, match="image_size 30 is not a multiple of the patch size 8"):
         data_main([*args[:-1], "30"])

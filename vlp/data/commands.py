@@ -64,7 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--codes", type=int, default=512, help="vocabulary size (centroids)")
     t.add_argument("--patch", type=int, default=8, help="pixels per patch side: the model's patch size")
     t.add_argument("--image-size", "--image_size", type=int, default=32, help="the model's image side in pixels")
-    t.add_argument("--pool", type=int, default=4, help="patch feature: pool x pool RGB cells (0: every pixel)")
+    t.add_argument(
+        "--pool",
+        type=int,
+        default=None,
+        help="patch feature: pool x pool RGB cells (0: every pixel; default 4 if it divides the patch)",
+    )
     t.add_argument("--normalize", action="store_true", help="normalise each patch feature (drops colour)")
     t.add_argument("--max-images", "--max_images", type=int, default=5000, help="images to read")
     t.add_argument("--iters", type=int, default=25, help="k-means iterations at most")
@@ -86,7 +91,7 @@ def _tokenizer(ns: argparse.Namespace) -> dict:
         codes=ns.codes,
         patch_size=ns.patch,
         image_size=ns.image_size,
-        pool=ns.pool or None,
+        pool=(4 if ns.patch % 4 == 0 else None) if ns.pool is None else (ns.pool or None),
         normalize=ns.normalize,
         max_images=ns.max_images,
         iters=ns.iters,

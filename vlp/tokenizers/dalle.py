@@ -96,8 +96,11 @@ def dalle_sizes(state: dict[str, torch.Tensor]) -> dict[str, int]:
             "vocab_size": state["blocks.output.conv.weight"].shape[0],
             "num_groups": max(groups),
         }
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"not a DALL-E codebook state dict (no {e} among {sorted(state)[:5]}...)") from None
+    except (KeyError, ValueError):  # a key absent, or no group / block keys at all
+        raise CheckpointError(
+            "not a DALL-E codebook state dict: expected blocks.input.weight, blocks.group_<g>.group.block_<b>.* "
+            f"and blocks.output.conv.weight, found {sorted(state)[:5]}..."
+        ) from None
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str | None, where: str) -> dict[str, torch.Tensor]:
@@ -128,6 +131,8 @@ def _load_file(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read the codebook checkpoint {path}: {type(e).__name__}: {e}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return state
 
 
@@ -147,7 +152,7 @@ def resolve_weights(path: str) -> str:
         raise ConfigError(f"codebook checkpoint {path} does not exist")
     from huggingface_hub import hf_hub_download
 
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     errors = []
     for name in WEIGHT_FILES:
         try:
@@ -215,9 +220,12 @@ class DalleTokenizer(ImageTokenizer):
             if k in state and state[k].shape != v.shape
         ]
         if unknown or missing or shapes:
-            parts = [f"unknown keys {unknown[:8]}" * bool(unknown), f"missing keys {missing[:8]}" * bool(missing)]
-            parts.append(f"wrong shapes {shapes[:4]}" * bool(shapes))
-            raise CheckpointError(f"{where} does not fit a DALL-E codebook: " + "; ".join(p for p in parts if p))
+            parts = [
+                f"{len(keys)} {what} {keys[:8]}"
+                for what, keys in (("unknown keys", unknown), ("missing keys", missing), ("wrong shapes", shapes))
+                if keys
+            ]
+            raise CheckpointError(f"{where} does not fit a DALL-E codebook: " + "; ".join(parts))
         self.load_state_dict({k: v.float() for k, v in state.items()})
 
     def map_pixels(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -151,8 +151,9 @@ class KMeansTokenizer(ImageTokenizer):
 
     def tokenize(self, pixels: torch.Tensor) -> torch.Tensor:
         B, _, H, W = pixels.shape
-        x = self.features(pixels.to(self.centroids.dtype))  # (B, N, D)
-        ids, _ = nearest(x.flatten(0, 1), self.centroids)  # (B*N,)
+        # fp32 even when the parent was cast to half precision (ties decide ids)
+        x = self.features(pixels.float())  # (B, N, D)
+        ids, _ = nearest(x.flatten(0, 1), self.centroids.float())  # (B*N,)
         return ids.view(B, H // self.patch_size, W // self.patch_size)
 
     def save(self, path: str, **meta) -> None:
