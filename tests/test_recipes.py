@@ -194,3 +194,37 @@ def test_tiny_meter_retrieval_recipe_trains_and_ranks_a_subset(capsys):
     model.on_test_epoch_end()
     assert set(model.results["test"]["scores"]) >= {"i2t_r1", "t2i_r10", "rmean"}
     assert "ITM over all 32 pairs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ablation", [None, *[a for a in ABLATIONS if a.name.startswith("flava_tiny_")]])
+def test_tiny_flava_recipes_build_and_train_each_modality(ablation, tmp_path, monkeypatch):
+    """The tiny FLAVA recipes build (a k-means tokenizer file written here stands for
+    ``vlp data tokenizer``'s) and train a step of each modality their objectives take."""
+    from vlp.tokenizers import KMeansTokenizer
+
+    monkeypatch.setenv("VLP_DATA_ROOT", str(tmp_path))
+    KMeansTokenizer.from_centroids(torch.rand(32, 48), patch_size=16, pool=4).save(
+        str(tmp_path / "shapes_tokenizer.safetensors")
+    )
+    model = _build(REPO / "recipes/tiny/flava.yaml", ablation).train()
+    pair = pair_batch()
+    image = {"modality": "image", "image": pair["image"], "image_mask": pair["image_mask"]}
+    text = {"modality": "text", **{k: pair[k] for k in ("text_ids", "text_mask", "mlm_input_ids", "mlm_labels")}}
+    modalities = {m for o in model.objectives.values() for m in o.modalities}
+    assert modalities == ({"pair"} if ablation is not None else {"pair", "image", "text"})
+    for batch in (pair, image, text):
+        if batch["modality"] not in modalities:
+            continue
+        model.zero_grad()
+        loss = model.training_step(batch, 0)
+        assert torch.isfinite(loss)
+        loss.backward()
+        fused = [model.fusion] if "mmm_text" in model.objectives else []  # FLAVA_C has no fused loss
+        trained = {
+            "pair": [model.image_encoder, model.text_encoder, model.image_proj, model.text_proj, *fused],
+            "image": [model.image_encoder],
+            "text": [model.text_encoder],
+        }[batch["modality"]]
+        assert all(p.grad is not None for m in trained for p in m.parameters())
+    if ablation is None:
+        assert model.objectives["mim"].head.bias.numel() == 32  # sized from the tokenizer file

@@ -193,6 +193,10 @@ def test_contrastive_on_the_masked_pass_skips_the_unmasked_towers():
     model.contrastive_on = "unmasked"
     model(batch("pair"))
     assert sorted(calls) == ["image", "image", "text", "text"]
+    calls.clear()
+    model(batch("image"))  # MIM only: no contrastive features, so no unmasked pass
+    model(batch("text"))
+    assert calls == ["image", "text"]
 
 
 def test_image_batches_without_targets_or_tokenizer_get_a_sentence():

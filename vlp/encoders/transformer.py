@@ -213,3 +213,38 @@ class TransformerTextEncoder(Encoder):
         hidden = self.transformer.forward_blocks(self.embed(input_ids, token_type_ids), mask=mask)  # (B, L, D)
         tokens = self.transformer.norm(hidden)
         return EncoderOutput(tokens=tokens, pooled=tokens[:, 0], mask=mask, hidden=hidden)
+
+
+class MultimodalEncoder(Transformer):
+    """FLAVA's multimodal encoder: a pre-norm transformer with a final norm over the
+    concatenated image and text states (flava-full: 768 wide, 6 layers, 12 heads).
+
+    Args:
+        dim / depth / num_heads / mlp_ratio / norm_eps / drop: as :class:`ViTEncoder`.
+        drop_path_rate: stochastic depth.
+    """
+
+    def __init__(
+        self,
+        dim: int = 768,
+        depth: int = 6,
+        num_heads: int = 12,
+        *,
+        mlp_ratio: float = 4.0,
+        norm_eps: float = 1e-12,
+        drop: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        if dim % num_heads:
+            raise ConfigError(f"width {dim} is not a multiple of num_heads {num_heads}")
+        super().__init__(
+            dim,
+            depth,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            norm_eps=norm_eps,
+            drop=drop,
+            attn_drop=drop,
+            pre_norm=True,
+            drop_path_rate=drop_path_rate,
+        )

@@ -57,7 +57,7 @@ class FLAVA(VLPModule):
     Args:
         image_encoder: the image tower (``vlp.encoders.ViTEncoder``; a timm ViT as an ablation).
         text_encoder: the text tower (``vlp.encoders.TransformerTextEncoder``; any HF tower).
-        fusion: the multimodal encoder (``vlp.blocks.Transformer``, pre-norm with a final norm;
+        fusion: the multimodal encoder (``vlp.encoders.MultimodalEncoder``: pre-norm, final norm;
             flava-full: 768 wide, 6 layers, 12 heads, eps 1e-12).
         objectives: e.g. ``[ITC, CodebookMIM (image), MLM (text), CodebookMIM + MLM (pair,
             named mmm_image / mmm_text), ITM]``.
@@ -204,46 +204,58 @@ class FLAVA(VLPModule):
         self.image_norm = getattr(datamodule, "norm", self.image_norm)
 
     # -- forward: the named views ---------------------------------------------------------
+    def reads(self, batch: dict, key: str) -> bool:
+        """Whether an objective of ``batch``'s modality reads batch ``key`` (``requires_batch``)."""
+        return any(key in o.requires_batch for o in self.objectives_for(batch))
+
     def forward(self, batch: dict) -> FLAVAOutput:
+        """The views the objectives of the batch's modality read, each computed once: masked
+        towers where a masked objective (or ITM, or ``contrastive_on: masked``) reads the
+        masks, unmasked towers for the contrastive features (always in evaluation), the
+        multimodal pass for pairs with MMM or ITM."""
         out = FLAVAOutput()
         has_image, has_text = "image" in batch, "text_ids" in batch
-        image_mask = batch.get("image_mask") if has_image else None
-        mlm_ids = batch.get("mlm_input_ids") if has_text else None
         contrast_masked = self.contrastive_on == "masked" and self.training
+        itm = has_image and has_text and self.requested(batch, "fused_cls")
+        contrast = not self.training or self.requested(batch, "image_embeds") or self.requested(batch, "text_embeds")
         image = masked_image = text = masked_text = None
+        mim = has_image and "image_mask" in batch and self.reads(batch, "image_mask")
+        mlm = has_text and "mlm_input_ids" in batch and self.reads(batch, "mlm_input_ids")
         if has_image:
-            if image_mask is not None:
-                masked_image = self.encode_image(batch["image"], image_mask)
-                out.image_token_ids = self.image_token_ids(batch)
-            if image_mask is None or not contrast_masked:
+            if "image_mask" in batch and (mim or itm or contrast_masked):
+                masked_image = self.encode_image(batch["image"], batch["image_mask"])
+            if masked_image is None or (contrast and not contrast_masked):
                 image = self.encode_image(batch["image"])
+            if mim and self.requested(batch, "image_token_ids"):
+                out.image_token_ids = self.image_token_ids(batch)  # (B, N) of the unmasked image
             side = masked_image if masked_image is not None else image
             if image is not None:
                 out.image_pooled = image.tokens[:, 0]  # (B, Dv)
-            out.image_embeds = self.contrastive_image(side if contrast_masked else image)
+            if contrast:
+                out.image_embeds = self.contrastive_image(side if contrast_masked else image)  # (B, E)
             out.image_tokens = self.image_to_mm(side.prenorm)  # (B, Li, Dm)
         if has_text:
             out.text_mask = batch["text_mask"].bool()
-            if mlm_ids is not None:
-                masked_text = self.text_encoder(mlm_ids, out.text_mask)
-            if mlm_ids is None or not contrast_masked:
+            if "mlm_input_ids" in batch and (mlm or itm or contrast_masked):
+                masked_text = self.text_encoder(batch["mlm_input_ids"], out.text_mask)
+            if masked_text is None or (contrast and not contrast_masked):
                 text = self.text_encoder(batch["text_ids"], out.text_mask)
             side = masked_text if masked_text is not None else text
-            out.text_embeds = self.contrastive_text(side if contrast_masked else text)
+            if contrast:
+                out.text_embeds = self.contrastive_text(side if contrast_masked else text)  # (B, E)
             out.text_tokens = self.text_to_mm(side.prenorm)  # (B, Lt, Dm)
-        wants_fused = masked_image is not None or masked_text is not None or self.requested(batch, "fused_cls")
         if has_image and has_text:
-            if wants_fused:
+            if itm or mim or mlm:
                 out.fused_tokens = self.fuse(out.text_tokens, out.text_mask, out.image_tokens)
                 out.fused_cls = out.fused_tokens[:, 0]  # (B, Dm)
                 Li = out.image_tokens.shape[1]
-                if masked_image is not None:
+                if mim:
                     out.mim_hidden = out.fused_tokens[:, 1 + Li - self.num_patches() : 1 + Li]  # (B, N, Dm)
-                if masked_text is not None:
+                if mlm:
                     out.mlm_hidden = out.fused_tokens[:, 1 + Li :]  # (B, Lt, Dm)
-        elif masked_image is not None:
+        elif mim:
             out.mim_hidden = masked_image.tokens[:, -self.num_patches() :]  # (B, N, Dv)
-        elif masked_text is not None:
+        elif mlm:
             out.mlm_hidden = masked_text.tokens  # (B, Lt, Dt)
         return out
 
