@@ -61,7 +61,7 @@ def recipe(layout: str = "transformers") -> dict:
     def obj(cls, **args):
         return {"class_path": f"vlp.objectives.{cls}", "init_args": args}
 
-    mlm = dict(vocab_size=TEXT_VOCAB, distill=False, tie_weights=False)
+    mlm = dict(dim=D, vocab_size=TEXT_VOCAB, distill=False, tie_weights=False)
     return {
         "class_path": "vlp.models.FLAVA",
         "init_args": {

@@ -536,13 +536,15 @@ def flava_recipe_from_state(state: dict[str, Tensor], *, head_dim: int = 64) -> 
         objectives.append(_obj("CodebookMIM", name="mim", modalities=["image"], vocab_size=rows("mim_head")))
         objectives[-1]["init_args"]["norm_eps"] = head_eps
     if rows("mlm_head"):
-        objectives.append(_mlm("mlm", "text", rows("mlm_head")))
+        objectives.append(_mlm("mlm", "text", hf["mlm_head.transform.dense.weight"].shape[1], rows("mlm_head")))
     if rows("mmm_image_head"):
         vocab = rows("mmm_image_head")
         objectives.append(_obj("CodebookMIM", name="mmm_image", modalities=["pair"], vocab_size=vocab))
         objectives[-1]["init_args"]["norm_eps"] = head_eps
     if rows("mmm_text_head"):
-        objectives.append(_mlm("mmm_text", "pair", rows("mmm_text_head")))
+        objectives.append(
+            _mlm("mmm_text", "pair", hf["mmm_text_head.transform.dense.weight"].shape[1], rows("mmm_text_head"))
+        )
     if "itm_head.seq_relationship.weight" in hf:
         objectives.append(_obj("ITM", hard_negatives=False, pooler="itm_head.pooler.dense.weight" in hf))
     return {
@@ -561,8 +563,9 @@ def _obj(cls: str, **args) -> dict:
     return {"class_path": f"vlp.objectives.{cls}", "init_args": args}
 
 
-def _mlm(name: str, modality: str, vocab: int) -> dict:
-    return _obj("MLM", name=name, modalities=[modality], vocab_size=vocab, distill=False, tie_weights=False)
+def _mlm(name: str, modality: str, dim: int, vocab: int) -> dict:
+    # MLM builds a head of the given vocab_size only when its dim is given too
+    return _obj("MLM", name=name, modalities=[modality], dim=dim, vocab_size=vocab, distill=False, tie_weights=False)
 
 
 # -- files -------------------------------------------------------------------------------
