@@ -161,7 +161,7 @@ class Transformer(nn.Module):
         depth: int,
         num_heads: int,
         *,
-        block_layer: Callable[..., nn.Module] = TransformerBlock,
+        block_layer: type[nn.Module] = TransformerBlock,  # a class: jsonargparse builds it from recipes
         final_norm: bool | None = None,
         drop_path_rate: float = 0.0,
         **block_kwargs,

@@ -1,4 +1,4 @@
-"""``vlp convert albef|meter``: official checkpoints → vlp state dicts."""
+"""``vlp convert albef|meter|flava``: official checkpoints → vlp state dicts."""
 
 from __future__ import annotations
 
@@ -35,6 +35,20 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fail unless every key is known, every weight filled and the model computes what METER computes",
     )
+    f = sub.add_parser("flava", help="a FLAVA (transformers or TorchMultimodal) checkpoint -> a vlp FLAVA state dict")
+    f.add_argument(
+        "ckpt",
+        help="FlavaForPreTraining / flava_model_for_pretraining state dict: *.safetensors, or a torch file "
+        "read with torch.load(weights_only=True)",
+    )
+    f.add_argument("--out", required=True, help="output file: *.safetensors, or a torch file ({'state_dict': ...})")
+    f.add_argument(
+        "--config",
+        default=None,
+        help="recipe YAML whose model to fill (default: a model with the checkpoint's shapes, printed as a recipe)",
+    )
+    f.add_argument("--head-dim", type=int, default=64, help="attention head width when inferring the model (64)")
+    f.add_argument("--strict", action="store_true", help="fail unless every key is known and every weight filled")
     return parser
 
 
@@ -42,6 +56,8 @@ def convert_main(args: list[str]) -> object:
     ns = _parser().parse_args(args)
     if ns.command == "meter":
         from vlp.convert.meter import convert_meter as convert
+    elif ns.command == "flava":
+        from vlp.convert.flava import convert_flava as convert
     else:
         from vlp.convert.albef import convert_albef as convert
 
