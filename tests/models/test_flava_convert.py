@@ -75,8 +75,8 @@ def recipe(layout: str = "transformers") -> dict:
                 | {"type_vocab_size": 2},
             },
             "fusion": {
-                "class_path": "vlp.blocks.Transformer",
-                "init_args": {"dim": D, "depth": 1, "num_heads": HEADS, "norm_eps": 1e-12},
+                "class_path": "vlp.encoders.MultimodalEncoder",
+                "init_args": {"dim": D, "depth": 1, **tower},
             },
             "objectives": [
                 obj("ITC", name="global_contrastive", min_temperature=0.01, max_temperature=1.0),

@@ -517,12 +517,6 @@ def flava_recipe_from_state(state: dict[str, Tensor], *, head_dim: int = 64) -> 
         "type_vocab_size": need("flava.text_model.embeddings.token_type_embeddings.weight").shape[0],
     }
     fusion = tower("flava.multimodal_model", "multimodal")
-    ratio = fusion.pop("mlp_ratio")
-    if ratio != 4.0:  # a recipe reaches the blocks' mlp_ratio only through Python, not jsonargparse
-        raise CheckpointError(
-            f"the multimodal encoder's MLP is {ratio:g}x its width; a recipe's vlp.blocks.Transformer builds 4x: "
-            "build the FLAVA in Python (fusion=Transformer(..., mlp_ratio=...)) and call convert_flava with it"
-        )
     head_eps = 1e-5 if layout == "torchmultimodal" else 1e-12
 
     def rows(head: str) -> int | None:
@@ -552,7 +546,7 @@ def flava_recipe_from_state(state: dict[str, Tensor], *, head_dim: int = 64) -> 
         "init_args": {
             "image_encoder": {"class_path": "vlp.encoders.ViTEncoder", "init_args": image},
             "text_encoder": {"class_path": "vlp.encoders.TransformerTextEncoder", "init_args": text},
-            "fusion": {"class_path": "vlp.blocks.Transformer", "init_args": fusion},
+            "fusion": {"class_path": "vlp.encoders.MultimodalEncoder", "init_args": fusion},
             "objectives": objectives,
             "embed_dim": need("flava.image_projection.weight").shape[0],
         },

@@ -69,6 +69,7 @@ class MLM(Objective):
         self.distill = distill
         self.tie_weights = tie_weights
         self.head = self.head_m = None  # the momentum copy exists only to distil
+        self.dim, self.vocab_size = dim, vocab_size  # either may be given alone; setup reads the rest
         if dim is not None and vocab_size is not None:
             self._make_heads(dim, vocab_size)
 
@@ -90,8 +91,8 @@ class MLM(Objective):
 
     def setup(self, model: nn.Module) -> None:
         given = self.head is not None
-        dim = self.width_of("dim", self.head.dense.in_features if given else None, model, "mlm")
-        vocab = self.width_of("vocab_size", self.head.bias.numel() if given else None, model, "vocab")
+        dim = self.width_of("dim", self.head.dense.in_features if given else self.dim, model, "mlm")
+        vocab = self.width_of("vocab_size", self.head.bias.numel() if given else self.vocab_size, model, "vocab")
         if not given:
             self._make_heads(dim, vocab)
         if self.head.decoder is not None:
