@@ -80,10 +80,9 @@ def run_in(folder, args: list[str]):
         os.chdir(cwd)
 
 
-def shrink_recipe(cfg: dict, width: int, *, steps: int, image_size: int = 32) -> dict:
-    """A tiny recipe's trainer and towers made test-sized in place: ``steps`` steps, a
-    checkpoint and CSV logs in the working directory, a 1-layer ViT (16 px patches) and a
-    1-layer random BERT (MiniLM vocabulary) of ``width``, mean-pooled."""
+def shrink_trainer(cfg: dict, *, steps: int) -> dict:
+    """A recipe's trainer made test-sized in place: ``steps`` steps, one checkpoint and CSV
+    logs in the working directory, no progress bar."""
     cfg["trainer"].update(
         max_steps=steps,
         val_check_interval=steps,
@@ -98,6 +97,14 @@ def shrink_recipe(cfg: dict, width: int, *, steps: int, image_size: int = 32) ->
         logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "logs", "name": ""}},
         default_root_dir=".",
     )
+    return cfg
+
+
+def shrink_recipe(cfg: dict, width: int, *, steps: int, image_size: int = 32) -> dict:
+    """A tiny recipe's trainer and towers made test-sized in place: ``steps`` steps, a
+    checkpoint and CSV logs in the working directory, a 1-layer ViT (16 px patches) and a
+    1-layer random BERT (MiniLM vocabulary) of ``width``, mean-pooled."""
+    shrink_trainer(cfg, steps=steps)
     model = cfg["model"]["init_args"]
     model["image_encoder"]["init_args"].update(
         img_size=image_size, model_kwargs={"patch_size": 16, "embed_dim": width, "depth": 1, "num_heads": 2}
