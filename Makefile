@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 SHAPES ?= data/shapes
 
-.PHONY: install test demo demo-albef demo-meter demo-meter-encdec demo-seeds ablation-albef bench lint data clean
+.PHONY: install test demo demo-albef demo-meter demo-meter-encdec demo-flava demo-seeds ablation-albef bench lint data clean
 
 install: $(STAMP)
 
@@ -49,6 +49,24 @@ demo-meter: data
 	$(VLP) fit --config recipes/finetune/tiny_meter_vqa.yaml --config recipes/ablations/meter_tiny_merged_vqa.yaml
 	$(VLP) test --ckpt runs/tiny_meter_merged_vqa/checkpoints/last.ckpt
 	$(VLP) compare runs/tiny_meter_vqa runs/tiny_meter_merged_vqa --names co-attention,merged
+
+# FLAVA: build the shapes image tokenizer (k-means codes of 16 px patches), pretrain full
+# FLAVA (pairs + images + text, round robin) and FLAVA_C (contrastive on pairs only) at the
+# same budget, fine-tune both on the VQA split; tables of retrieval, zero-shot and linear
+# probe on the image split, and VQA, each beside chance / the majority answer
+demo-flava: data
+	test -f data/shapes_tokenizer.safetensors || $(VLP) data tokenizer --data data_manifests/shapes_pair.yaml \
+		--out data/shapes_tokenizer.safetensors --codes 512 --patch 16 --image_size 64
+	$(VLP) fit --config recipes/tiny/flava.yaml
+	$(VLP) test --ckpt runs/tiny_flava/checkpoints/last.ckpt
+	$(VLP) fit --config recipes/tiny/flava.yaml --config recipes/ablations/flava_tiny_contrastive.yaml
+	$(VLP) test --ckpt runs/tiny_flava_c/checkpoints/last.ckpt
+	$(VLP) fit --config recipes/finetune/tiny_flava_vqa.yaml
+	$(VLP) test --ckpt runs/tiny_flava_vqa/checkpoints/last.ckpt
+	$(VLP) fit --config recipes/finetune/tiny_flava_vqa.yaml --config recipes/ablations/flava_tiny_contrastive_vqa.yaml
+	$(VLP) test --ckpt runs/tiny_flava_c_vqa/checkpoints/last.ckpt
+	$(VLP) compare runs/tiny_flava_c runs/tiny_flava --names FLAVA_C,FLAVA
+	$(VLP) compare runs/tiny_flava_c_vqa runs/tiny_flava_vqa --names FLAVA_C,FLAVA
 
 # METER encoder-only vs encoder-decoder (after demo-meter, whose co-attention VQA run it is
 # compared with): pretrain with DenoisingLM + GenerativeITM, fine-tune the decoder to write
