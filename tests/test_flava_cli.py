@@ -23,7 +23,7 @@ W = 32
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("flava_cli")
-    write_shapes(root / "shapes", seed=0, size=400, samples_per_shard=200, image_size=32)
+    write_shapes(root / "shapes", seed=0, size=400, samples_per_shard=50, image_size=32)  # >= 2 shards per split
     manifest = str(root / "shapes" / "manifests" / "shapes_pair.yaml")
     args = ["--codes", "16", "--patch", "16", "--image_size", "32", "--max-images", "200"]
     run_in(root, ["data", "tokenizer", "--data", manifest, "--out", str(root / "tok.safetensors"), *args])

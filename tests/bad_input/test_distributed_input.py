@@ -35,8 +35,9 @@ def shapes(tmp_path_factory):
     return root / "shapes" / "manifests"
 
 
-def vlp_ddp(folder: Path, args: list[str]) -> subprocess.CompletedProcess:
-    """``vlp ARGS`` on 2 CPU processes in ``folder``; killed (with the rank it started) after TIMEOUT s."""
+def vlp_ddp(folder: Path, args: list[str], strategy: str = "ddp") -> subprocess.CompletedProcess:
+    """``vlp ARGS`` on 2 CPU processes (Lightning ``strategy``) in ``folder``; killed (with the
+    rank it started) after TIMEOUT s."""
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["MASTER_PORT"] = str(free_port())  # Lightning's own pick can collide with a run just ended
@@ -51,7 +52,7 @@ def vlp_ddp(folder: Path, args: list[str]) -> subprocess.CompletedProcess:
     ):
         env.pop(key, None)  # left by an in-process run: rank 0 would take itself for a launched rank
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vlp.cli", *args, *DDP],
+        [sys.executable, "-m", "vlp.cli", *args, *DDP[:2], f"--trainer.strategy={strategy}"],
         cwd=folder,
         env=env,
         stdout=subprocess.PIPE,
