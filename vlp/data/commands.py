@@ -55,12 +55,19 @@ def _parser() -> argparse.ArgumentParser:
         help="a repeated (image, caption) row: stop with an error, drop the repeat (listed as skipped) or keep it",
     )
     c.add_argument("--max-skip-fraction", type=float, default=0.05, help="stop when more of the listed images are lost")
+    g = sub.add_parser("glue", help="GLUE-format tsv files of one task -> text_pair shards and a manifest")
+    g.add_argument("--task", required=True, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli")
+    g.add_argument("--dir", required=True, help="the task's folder of tsv files, e.g. GLUE/SST-2")
+    g.add_argument("--out", required=True, help="output folder for shards and manifest.yaml")
+    g.add_argument("--splits", nargs="*", default=None, help="split files to convert (default: all found)")
+    g.add_argument("--samples-per-shard", type=int, default=10000)
+    g.add_argument("--max-skip-fraction", type=float, default=0.01, help="stop when more rows of a split are bad")
     return parser
 
 
 def data_main(args: list[str]) -> object:
     ns = _parser().parse_args(args)
-    return {"synth": _synth, "inspect": _inspect, "convert": _convert}[ns.command](ns)
+    return {"synth": _synth, "inspect": _inspect, "convert": _convert, "glue": _glue}[ns.command](ns)
 
 
 def _synth(ns: argparse.Namespace) -> dict:
@@ -101,6 +108,27 @@ def _convert(ns: argparse.Namespace):
         f"wrote {split.num_samples} {manifest.modality_of(ns.split)} samples to {ns.out} "
         f"(manifest: {os.path.join(ns.out, 'manifest.yaml')})"
     )
+    return manifest
+
+
+def _glue(ns: argparse.Namespace):
+    from vlp.data.glue import convert_glue
+
+    manifest = convert_glue(
+        ns.task,
+        ns.dir,
+        ns.out,
+        splits=ns.splits,
+        samples_per_shard=ns.samples_per_shard,
+        max_skip_fraction=ns.max_skip_fraction,
+    )
+    for name, split in manifest.splits.items():
+        skipped = manifest.extra["skipped"].get(name, {})
+        print(
+            f"  {name:16} {split.num_samples} samples, {skipped.get('count', 0)} bad rows skipped "
+            f"({skipped.get('file', '-')})"
+        )
+    print(f"wrote GLUE {manifest.extra['task']} to {ns.out} (manifest: {os.path.join(ns.out, 'manifest.yaml')})")
     return manifest
 
 
