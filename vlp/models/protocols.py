@@ -20,6 +20,9 @@ decoder        ``decoder`` (a text decoder) and ``decoder_context(text_tokens, t
                image_tokens) → (context (N, L, D), mask)`` (generation objectives)
 image_types    ``embed_image(image, token_type) → (tokens, pooled)``: an image embedded
                with a chosen token type (NLVR2's second image)
+text           ``text_features(input_ids, mask, token_types) → (B, D)``: the text tower's
+               pooled features of a sentence or a pair (text tasks: GLUE); width
+               ``feature_dims()["text"]``
 ============== ======================================================================
 """
 
@@ -66,6 +69,13 @@ class ImageTypesModel(Protocol):
     def embed_image(self, image: torch.Tensor, token_type: int = 1) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+@runtime_checkable
+class TextModel(Protocol):
+    def text_features(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, token_types: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+
 #: capability → (its protocol, what it means, shown in errors)
 CAPABILITIES: dict[str, tuple[type, str]] = {
     "contrastive": (ContrastiveModel, "normalised image_embeds / text_embeds (ITC features)"),
@@ -74,4 +84,5 @@ CAPABILITIES: dict[str, tuple[type, str]] = {
     "momentum": (MomentumModel, "EMA (momentum) copies of its towers"),
     "decoder": (GenerativeModel, "a text decoder and decoder_context(...)"),
     "image_types": (ImageTypesModel, "embed_image(image, token_type)"),
+    "text": (TextModel, "text_features(input_ids, mask, token_types): pooled text-tower features"),
 }
