@@ -97,6 +97,12 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(x @ y) / den if den else math.nan
 
 
+def _cat(state: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    if isinstance(state, list):
+        return dim_zero_cat(state) if state else torch.zeros(0)
+    return state
+
+
 class TextRegressionMetrics(Metric):
     """Pearson and Spearman correlation (percent) of predicted and gold scores (STS-B).
     ``update(preds, target)``: (B,) floats. The states are lists concatenated across ranks."""
@@ -119,13 +125,14 @@ class TextRegressionMetrics(Metric):
             preds = preds[:, 0]
         if preds.ndim != 1 or target.shape != preds.shape:
             raise ConfigError(f"preds and target must both be (B,), got {tuple(preds.shape)} and {tuple(target.shape)}")
-        self.preds.append(preds.detach().double())
-        self.target.append(target.detach().double().to(preds.device))
+        # in the metric's dtype: a rank without data syncs an empty tensor of that dtype
+        self.preds.append(preds.detach().to(self.dtype))
+        self.target.append(target.detach().to(preds.device, self.dtype))
 
     def compute(self) -> dict[str, float]:
-        if not self.preds or not len(dim_zero_cat(self.preds)):
+        x, y = _cat(self.preds), _cat(self.target)  # a tensor once synchronised across ranks
+        if not len(x):
             return {k: math.nan for k in self.metrics}
-        x, y = dim_zero_cat(self.preds), dim_zero_cat(self.target)
         out = {"pearson": 100.0 * pearson(x, y), "spearman": 100.0 * pearson(average_ranks(x), average_ranks(y))}
         return {k: out[k] for k in self.metrics}
 
