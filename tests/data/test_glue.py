@@ -210,3 +210,27 @@ def test_decoder_and_collate_of_text_pair(tokenizer):
     assert batch["label"].dtype == torch.float and batch["label"].tolist() == pytest.approx([3.8, 2.0])
     with pytest.raises(DataError, match="mixes sentence pairs and single sentences"):
         text_pair_batch([single, score], tokenizer)
+
+
+def test_committed_glue_manifests_match_the_converter():
+    """data_manifests/glue_<task>.yaml name the shards `vlp data glue` writes (10,000 a shard)
+    under ${VLP_DATA_ROOT:-data}/glue/<task>, with every split of the task's table."""
+    import math
+
+    from vlp.data.convert import shard_pattern
+
+    for task, spec in GLUE_TASKS.items():
+        m = load_manifest(f"data_manifests/glue_{task}.yaml")
+        assert m.modality == "text_pair" and list(m.splits) == list(spec.splits)
+        assert m.extra["metrics"] == list(spec.metrics) and m.extra["num_labels"] == spec.num_labels
+        for name, split in m.splits.items():
+            root = f"${{VLP_DATA_ROOT:-data}}/glue/{task}"
+            assert split.urls == shard_pattern(root, name, math.ceil(split.num_samples / 10000))
+
+
+def test_inspect_guesses_text_pair_for_json_only_shards():
+    from collections import Counter
+
+    from vlp.data.commands import _guess_modality
+
+    assert _guess_modality(Counter({"json": 5})) == "text_pair"

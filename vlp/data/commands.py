@@ -167,6 +167,8 @@ def _guess_modality(exts: Counter) -> str:
         return "pair"
     if not images and "txt" in exts:
         return "text"
+    if not images and set(exts) == {"json"}:
+        return "text_pair"
     return "retrieval" if images else "text"
 
 
