@@ -210,6 +210,10 @@ def test_decoder_and_collate_of_text_pair(tokenizer):
     assert batch["label"].dtype == torch.float and batch["label"].tolist() == pytest.approx([3.8, 2.0])
     with pytest.raises(DataError, match="mixes sentence pairs and single sentences"):
         text_pair_batch([single, score], tokenizer)
+    from vlp.data import OpenCLIPTokenizer
+
+    with pytest.raises(ConfigError, match="OpenCLIPTokenizer cannot encode sentence pairs"):
+        text_pair_batch([score], OpenCLIPTokenizer())
 
 
 def test_committed_glue_manifests_match_the_converter():
