@@ -37,6 +37,7 @@ FILES = {  # modality -> the files of every sample
     "retrieval": {"jpg", "json"},
     "nlvr2": {"left.jpg", "right.jpg", "json"},
     "ve": {"jpg", "json"},
+    "text_pair": {"json"},
 }
 
 
@@ -105,6 +106,7 @@ def test_every_modality_and_split_with_the_counts_the_manifests_claim(shapes, sa
         "vqa": {"train": SIZE // 2, "val": 200, "test": 500},
         "nlvr2": {"train": SIZE // 2, "val": 200, "test": 500},  # multiples of 10: balanced
         "ve": {"train": 999, "val": 198, "test": 498},  # multiples of 3
+        "text_pair": {"train": SIZE // 2, "val": 200, "test": 500},  # even: balanced
     }
     for x in samples["pair"]["train"][:5]:
         assert Image.open(io.BytesIO(x["jpg"])).size == (64, 64)

@@ -15,6 +15,9 @@ Batch keys (see docs/data.md):
 | ``task_type`` | list[str] | nlvr2: the sentence template ("" when unknown) |
 | ``images`` / ``images_mask`` / ``num_images`` | (B, M, 3, H, W) / (B, M) bool / (B,) | interleaved (zero-padded) |
 | ``media_mask`` / ``lm_labels`` | (B, L) bool / (B, L) | interleaved: ``<image>`` positions, shifted next-token targets (-100 = none) |
+| ``text_pair_ids`` / ``text_pair_mask`` | (B, L) | text_pair: the sentence, or the pair as one sequence ("a [SEP] b") |
+| ``text_pair_types`` | (B, L) int64 | text_pair with pairs, when the tokenizer gives token types (0 a, 1 b) |
+| ``label`` | (B,) int64 or float | text_pair: a class, or a score (STS-B) when any label of the batch is a float |
 
 Image tensors are uint8 when the DataModule normalises on the device
 (``WebDataModule.finish_batch`` normalises every key of ``IMAGE_KEYS``).
@@ -92,10 +95,35 @@ class Collator:
                 raise ValueError("a tokenizer is needed to collate interleaved batches")
             texts, images = [e["text"] for e in examples], [e["images"] for e in examples]
             batch.update(interleaved_batch(texts, images, batch["keys"], self.tokenizer))
+        elif m == "text_pair":
+            batch.update(text_pair_batch(examples, self.tokenizer))
         for masker in self.maskers:
             batch = masker(batch, self.tokenizer)
         batch["skipped"] = skipped
         return batch
+
+
+def text_pair_batch(examples: list[dict], tokenizer: Tokenizer | None) -> dict:
+    """``text_pair_ids`` / ``text_pair_mask`` (+ ``text_pair_types``) and ``label`` of
+    ``text_pair`` examples: single sentences, or pairs encoded as one sequence."""
+    if tokenizer is None:
+        raise ValueError("a tokenizer is needed to collate text_pair batches")
+    texts, seconds = [e["text"] for e in examples], [e["text_b"] for e in examples]
+    paired = [b is not None for b in seconds]
+    if any(paired) and not all(paired):
+        keys = [e["key"] for e, p in zip(examples, paired, strict=True) if not p][:3]
+        raise DataError(
+            f"a text_pair batch mixes sentence pairs and single sentences (single: {keys}): give each "
+            "kind of task its own modality group"
+        )
+    enc = tokenizer.pairs(texts, seconds) if all(paired) else tokenizer(texts)
+    batch = {"text_pair_ids": enc["input_ids"], "text_pair_mask": enc["attention_mask"]}
+    if enc.get("token_type_ids") is not None:
+        batch["text_pair_types"] = enc["token_type_ids"]
+    labels = [e["label"] for e in examples]
+    dtype = torch.float if any(isinstance(v, float) for v in labels) else torch.long
+    batch["label"] = torch.tensor(labels, dtype=dtype)
+    return batch
 
 
 #: Skip records without a single good sample after which a stream is given up as unreadable.

@@ -74,12 +74,21 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-images", "--max_images", type=int, default=5000, help="images to read")
     t.add_argument("--iters", type=int, default=25, help="k-means iterations at most")
     t.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("glue", help="GLUE-format tsv files of one task -> text_pair shards and a manifest")
+    g.add_argument("--task", required=True, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli")
+    g.add_argument("--dir", required=True, help="the task's folder of tsv files, e.g. GLUE/SST-2")
+    g.add_argument("--out", required=True, help="output folder for shards and manifest.yaml")
+    g.add_argument("--splits", nargs="*", default=None, help="split files to convert (default: all found)")
+    g.add_argument("--samples-per-shard", type=int, default=10000)
+    g.add_argument("--max-skip-fraction", type=float, default=0.01, help="stop when more rows of a split are bad")
     return parser
 
 
 def data_main(args: list[str]) -> object:
     ns = _parser().parse_args(args)
-    return {"synth": _synth, "inspect": _inspect, "convert": _convert, "tokenizer": _tokenizer}[ns.command](ns)
+    return {"synth": _synth, "inspect": _inspect, "convert": _convert, "tokenizer": _tokenizer, "glue": _glue}[
+        ns.command
+    ](ns)
 
 
 def _tokenizer(ns: argparse.Namespace) -> dict:
@@ -147,6 +156,27 @@ def _convert(ns: argparse.Namespace):
     return manifest
 
 
+def _glue(ns: argparse.Namespace):
+    from vlp.data.glue import convert_glue
+
+    manifest = convert_glue(
+        ns.task,
+        ns.dir,
+        ns.out,
+        splits=ns.splits,
+        samples_per_shard=ns.samples_per_shard,
+        max_skip_fraction=ns.max_skip_fraction,
+    )
+    for name, split in manifest.splits.items():
+        skipped = manifest.extra["skipped"].get(name, {})
+        print(
+            f"  {name:16} {split.num_samples} samples, {skipped.get('count', 0)} bad rows skipped "
+            f"({skipped.get('file', '-')})"
+        )
+    print(f"wrote GLUE {manifest.extra['task']} to {ns.out} (manifest: {os.path.join(ns.out, 'manifest.yaml')})")
+    return manifest
+
+
 # -- inspect ----------------------------------------------------------------------------------
 def count_local(urls: list[str]) -> tuple[list[int], Counter]:
     """Samples per shard and per-extension file counts of local tar shards (reads headers only)."""
@@ -182,6 +212,8 @@ def _guess_modality(exts: Counter) -> str:
         return "pair"
     if not images and "txt" in exts:
         return "text"
+    if not images and set(exts) == {"json"}:
+        return "text_pair"
     return "retrieval" if images else "text"
 
 

@@ -252,7 +252,7 @@ class WebDataModule(pl.LightningDataModule):
             group.weight = 1.0 if given["mix_weight"] is None else given["mix_weight"]
             views = given["views"]
             if views is None:  # the module's views: for every group of single images
-                views = {} if group.modality in ("interleaved", "text") else self.views
+                views = {} if group.modality in ("interleaved", "text", "text_pair") else self.views
             self._register_views(views, group, settings_of[key]["views"][1] or "data.init_args.views")
             transform = self.image_transform(train, views)
             for stream in group.sources:

@@ -2,7 +2,7 @@
 
 ```yaml
 name: cc3m
-modality: pair                 # pair | image | text | vqa | retrieval | interleaved | nlvr2 | ve
+modality: pair                 # pair | image | text | vqa | retrieval | interleaved | nlvr2 | ve | text_pair
 license: ...
 splits:
   train: {urls: "${VLP_DATA_ROOT:-data}/cc3m/{00000..00331}.tar", num_samples: 3318333}
@@ -29,7 +29,7 @@ import yaml
 from vlp.errors import ConfigError, DataError
 from vlp.utils.paths import expand_vars
 
-MODALITIES = ("pair", "image", "text", "vqa", "retrieval", "interleaved", "nlvr2", "ve")
+MODALITIES = ("pair", "image", "text", "vqa", "retrieval", "interleaved", "nlvr2", "ve", "text_pair")
 
 #: img2dataset-compatible default field names per role; ";" separates alternatives.
 DEFAULT_FIELDS = {

@@ -143,7 +143,7 @@ class SampleDecoder:
     """Raw sample → example dict for one modality (see docs/data.md for the keys).
 
     Args:
-        modality: pair | image | text | vqa | retrieval | interleaved | nlvr2 | ve.
+        modality: pair | image | text | vqa | retrieval | interleaved | nlvr2 | ve | text_pair.
         fields: role → ";"-separated tar extensions (manifest ``fields``).
         transform: PIL image → tensor.
     """
@@ -162,6 +162,7 @@ class SampleDecoder:
             "interleaved": self._interleaved,
             "nlvr2": self._nlvr2,
             "ve": self._ve,
+            "text_pair": self._text_pair,
         }[modality]
 
     def __call__(self, sample: dict | Skipped) -> dict | Skipped:
@@ -317,6 +318,24 @@ class SampleDecoder:
             "image_id": self._image_id(sample, meta),
             "key": key,
         }
+
+    def _text_pair(self, sample: dict, key: str) -> dict:
+        """``json`` {text, text_b (absent for single sentences), label}: an integer class or a
+        float score (STS-B); a sample without a label (a GLUE test file) is a skip."""
+        meta = self._json(sample, required=True)
+        text = self._sentence(meta, "text")
+        text_b = self._sentence(meta, "text_b") if "text_b" in meta else None
+        label = meta.get("label")
+        if label is None:
+            raise _Skip(f"no label in {self.json_ext} (an unlabelled test split cannot be trained or evaluated)")
+        if (
+            isinstance(label, bool)
+            or not isinstance(label, int | float)
+            or label != label
+            or abs(label) == float("inf")
+        ):
+            raise _Skip(f"label must be an integer class or a finite score, got {label!r}")
+        return {"text": text, "text_b": text_b, "label": label, "key": key}
 
 
 class _Skip(Exception):

@@ -35,6 +35,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         raise NotImplementedError
 
+    def pairs(self, texts: list[str], texts_b: list[str]) -> dict[str, torch.Tensor]:
+        """Sentence pairs as one sequence each ("[CLS] a [SEP] b [SEP]"), truncated longest
+        first: ``input_ids``, ``attention_mask`` and, when the tokenizer has them,
+        ``token_type_ids`` (0 for a, 1 for b)."""
+        raise ConfigError(f"{type(self).__name__} cannot encode sentence pairs: use an HFTokenizer for text_pair data")
+
     @property
     def pad_token_id(self) -> int:
         return 0
@@ -154,6 +160,18 @@ class HFTokenizer(Tokenizer):
             return_token_type_ids=False,
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def pairs(self, texts: list[str], texts_b: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tok(
+            list(texts),
+            list(texts_b),
+            padding=self.padding,
+            truncation="longest_first",
+            max_length=self.max_length,
+            return_tensors="pt",
+            return_token_type_ids=True,
+        )
+        return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
 
     @property
     def vocab_size(self) -> int:

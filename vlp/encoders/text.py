@@ -208,9 +208,24 @@ class HFTextEncoder(_HFEncoderBase):
         if gradient_checkpointing:
             self.set_grad_checkpointing(True)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> EncoderOutput:
-        """``input_ids`` (B, L) and ``attention_mask`` (B, L), 1 for real tokens, 0 for padding."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        """``input_ids`` (B, L) and ``attention_mask`` (B, L), 1 for real tokens, 0 for padding;
+        ``token_type_ids`` (B, L) of a sentence pair (0 a, 1 b), used by models with a token-type
+        embedding (BERT) and dropped for those without (DistilBERT; the [SEP] separates a and b)."""
+        kwargs = {}
+        types = getattr(self.config, "type_vocab_size", None)
+        if token_type_ids is not None and types:
+            if int(token_type_ids.max()) >= types:
+                raise ConfigError(
+                    f"token type {int(token_type_ids.max())} given, but the text model has type_vocab_size {types}"
+                )
+            kwargs["token_type_ids"] = token_type_ids
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         tokens = out.last_hidden_state  # (B, L, D)
         mask = attention_mask.bool() if attention_mask is not None else None
         if self.pooling == "cls":

@@ -122,7 +122,7 @@ class ALBEF(VLPModule):
         self.setup_objectives()  # needs against capabilities; heads sized from the views below
 
     def capabilities(self) -> set[str]:
-        caps = {"contrastive", "fusion", "masked_lm", "image_types"}
+        caps = {"contrastive", "fusion", "masked_lm", "image_types", "text"}
         if self.use_momentum:
             caps.add("momentum")
         if self.decoder is not None:
@@ -143,6 +143,7 @@ class ALBEF(VLPModule):
             "itc": self.image_proj.out_features,
             "image_tokens": self.image_encoder.dim,
             "vocab": self.word_embeddings().shape[0],
+            "text": self.text_encoder.pooled_dim,
         }
 
     # -- the model ------------------------------------------------------------------------

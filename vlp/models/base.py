@@ -116,8 +116,8 @@ class VLPModule(EvaluationLoop, pl.LightningModule):
         """Widths of the views objectives read, by name: "match" (``match_features``), "mlm"
         (``mlm_hidden``), "itc" (``image_embeds`` / ``text_embeds``), "fused_image" (the
         fusion's image stream), "image_tokens" (the vision tower's tokens), "vocab" (rows of
-        the word embeddings). A family lists the views it has; objectives size or check their
-        heads against them (``Objective.width_of``)."""
+        the word embeddings), "text" (``text_features``). A family lists the views it has;
+        objectives size or check their heads against them (``Objective.width_of``)."""
         return {}
 
     def setup_objectives(self) -> None:
@@ -189,6 +189,15 @@ class VLPModule(EvaluationLoop, pl.LightningModule):
     # -- to implement ---------------------------------------------------------------------
     def forward(self, batch: dict) -> VLPOutput:
         raise NotImplementedError
+
+    def text_features(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, token_types: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The "text" capability: the text tower's pooled features (B, Dt) of ``input_ids``
+        (B, L), a sentence or a pair as one sequence with its ``token_types`` (text task heads,
+        GLUE). A family whose text view is not ``self.text_encoder``'s pooled output overrides it."""
+        out = self.text_encoder(input_ids, mask, **({} if token_types is None else {"token_type_ids": token_types}))
+        return out.pooled  # (B, Dt)
 
     # -- training -------------------------------------------------------------------------
     def objectives_for(self, batch: dict) -> list[Objective]:
@@ -469,7 +478,7 @@ def check_writable(folder: str | None) -> None:
 
 def batch_size_of(batch: dict) -> int:
     """Samples in a collated batch (images, texts or interleaved documents)."""
-    for key in ("image", "text_ids", "images"):
+    for key in ("image", "text_ids", "images", "text_pair_ids"):
         if key in batch:
             return int(batch[key].shape[0])
     return 1

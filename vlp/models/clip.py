@@ -82,13 +82,13 @@ class CLIP(VLPModule):
         self.setup_objectives()
 
     def capabilities(self) -> set[str]:
-        return {"contrastive"}
+        return {"contrastive", "text"}
 
     def capability_hint(self, capability: str) -> str:
         return "a dual encoder has no fusion: use ALBEF or METER for objectives on fused pairs"
 
     def feature_dims(self) -> dict[str, int]:
-        return {"itc": self.embed_dim}
+        return {"itc": self.embed_dim, "text": self.text_encoder.pooled_dim}
 
     # -- the model ------------------------------------------------------------------------
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,7 @@ class METER(VLPModule):
         self.setup_objectives()  # needs against capabilities; heads sized from the views below
 
     def capabilities(self) -> set[str]:
-        caps = {"masked_lm", "image_types"}
+        caps = {"masked_lm", "image_types", "text"}
         if self.text_pooler is not None:
             caps.add("fusion")
         if self.image_itc_proj is not None:
@@ -149,6 +149,7 @@ class METER(VLPModule):
         if self.image_itc_proj is not None:
             dims["itc"] = self.image_itc_proj.out_features
         dims["vocab"] = self.word_embeddings().shape[0]
+        dims["text"] = self.text_encoder.pooled_dim
         return dims
 
     # -- the model ------------------------------------------------------------------------

@@ -23,6 +23,9 @@ image_types    ``embed_image(image, token_type) → (tokens, pooled)``: an image
 codebook       ``image_token_ids(batch) → (B, N)``: a frozen image tokenizer's codes of the
                image (MIM / MMM targets), and ``mim_hidden`` / ``image_token_ids`` in its
                output for batches with an ``image_mask`` (FLAVA)
+text           ``text_features(input_ids, mask, token_types) → (B, D)``: the text tower's
+               pooled features of a sentence or a pair (text tasks: GLUE); width
+               ``feature_dims()["text"]``
 ============== ======================================================================
 """
 
@@ -74,6 +77,13 @@ class CodebookModel(Protocol):
     def image_token_ids(self, batch: dict) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class TextModel(Protocol):
+    def text_features(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, token_types: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+
 #: capability → (its protocol, what it means, shown in errors)
 CAPABILITIES: dict[str, tuple[type, str]] = {
     "contrastive": (ContrastiveModel, "normalised image_embeds / text_embeds (ITC features)"),
@@ -83,4 +93,5 @@ CAPABILITIES: dict[str, tuple[type, str]] = {
     "decoder": (GenerativeModel, "a text decoder and decoder_context(...)"),
     "image_types": (ImageTypesModel, "embed_image(image, token_type)"),
     "codebook": (CodebookModel, "a frozen image tokenizer whose codes are MIM targets (image_token_ids)"),
+    "text": (TextModel, "text_features(input_ids, mask, token_types): pooled text-tower features"),
 }

@@ -9,6 +9,7 @@ from vlp.objectives.mim import MIM
 from vlp.objectives.mlm import MLM
 from vlp.objectives.momentum_itc import MomentumITC
 from vlp.objectives.tasks import NLVR2, VE, VQA, Retrieval
+from vlp.objectives.text_tasks import TextTask
 from vlp.utils.distributed import gather_no_grad, gather_with_grad, world_info
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "NLVR2",
     "Objective",
     "Retrieval",
+    "TextTask",
     "VE",
     "VQA",
     "gather_no_grad",

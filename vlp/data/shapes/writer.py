@@ -31,6 +31,7 @@ from vlp.data.shapes.scenes import (
     vqa_answers,
 )
 from vlp.data.shapes.tasks import NLVR2_TEMPLATES, VE_LABELS, VE_TYPES, make_nlvr2, make_ve
+from vlp.data.shapes.textpair import TEXT_PAIR_KINDS, TEXT_PAIR_LABELS, make_text_pair
 from vlp.errors import ConfigError
 
 
@@ -172,6 +173,9 @@ def write_shapes(
             },
         }
 
+    def text_pair(rng: random.Random, i: int, split: str) -> dict:  # labels alternate: balanced
+        return {"json": make_text_pair(rng, i % 2)}
+
     def multiple(n: int, k: int) -> int:
         return k * (n // k)
 
@@ -193,6 +197,9 @@ def write_shapes(
         ("ve", "train", multiple(size // 2, ve_step), ve),
         ("ve", "val", multiple(max(200, size // 40), ve_step), ve),
         ("ve", "test", multiple(max(500, size // 20), ve_step), ve),
+        ("text_pair", "train", multiple(size // 2, 2), text_pair),
+        ("text_pair", "val", multiple(max(200, size // 40), 2), text_pair),
+        ("text_pair", "test", multiple(max(500, size // 20), 2), text_pair),
     ]
     splits: dict[str, dict[str, dict]] = {}
     for modality, split, n, make in plan:
@@ -218,6 +225,7 @@ def write_shapes(
             "vqa": {k: vqa_majority(qa["train"], qa[k]) for k in ("val", "test")},
             "nlvr2": pair_task_chance(statements, 2),  # labels: 0 false, 1 true
             "ve": pair_task_chance(hypotheses, len(VE_LABELS), by_template=False),
+            "text_pair": {"acc": 50.0, "bag_of_words_best": 50.0},  # balanced; same bags of words
         },
         "hard_negatives": {
             "group_size": GROUP_SIZE,
@@ -237,6 +245,8 @@ def write_shapes(
         "nlvr2_templates": dict(NLVR2_TEMPLATES),
         "ve_labels": list(VE_LABELS),
         "ve_types": dict(VE_TYPES),
+        "text_pair_labels": list(TEXT_PAIR_LABELS),
+        "text_pair_kinds": list(TEXT_PAIR_KINDS),
     }
     (root / "info.json").write_text(json.dumps(info, indent=1) + "\n")
     classes = {"classnames": list(CLASSES), "templates": list(CLASS_TEMPLATES)}
@@ -256,6 +266,11 @@ def shapes_manifests(root: str, info: dict) -> dict[str, Manifest]:
         "vqa": {"majority_baseline": chance["vqa"], "question_types": info["question_types"]},
         "nlvr2": {"labels": ["false", "true"], "templates": info["nlvr2_templates"], **chance["nlvr2"]},
         "ve": {"labels": info["ve_labels"], "types": info["ve_types"], **chance["ve"]},
+        "text_pair": {
+            "labels": info["text_pair_labels"],
+            "kinds": info["text_pair_kinds"],
+            "chance": chance["text_pair"],
+        },
     }
     what = {
         "pair": "one caption per image, 1-3 shapes",
@@ -269,6 +284,8 @@ def shapes_manifests(root: str, info: dict) -> dict[str, Manifest]:
         "nlvr2": "two images and a sentence about the pair, true (1) or false (0); "
         f"{len(info['nlvr2_templates'])} templates, labels balanced per template",
         "ve": "one image and a hypothesis: 0 entailment, 1 neutral, 2 contradiction (SNLI-VE order), balanced",
+        "text_pair": "two captions, 1 when they describe the same scene, 0 when b swaps a's colours and/or "
+        "positions (the same bag of words: only word order tells), balanced",
     }
     manifests = {}
     for modality, splits in info["splits"].items():
