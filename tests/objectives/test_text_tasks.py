@@ -82,7 +82,7 @@ def test_regression_loss_by_hand():
     torch.testing.assert_close(out["text_task_loss"], ((pred - label) ** 2).mean())
 
 
-@pytest.mark.parametrize("family", ["clip", "albef", "meter"])
+@pytest.mark.parametrize("family", ["clip", "albef", "meter", "flava"])
 def test_every_family_trains_and_evaluates_text_tasks(family):
     """The head needs only the "text" capability: one step and an evaluation on each family,
     beside that family's own pretraining objectives (which text_pair batches do not run)."""
@@ -91,8 +91,20 @@ def test_every_family_trains_and_evaluates_text_tasks(family):
         model = tiny_clip(objectives=[task])
     elif family == "albef":
         model = tiny_albef(objectives=[task, ITM(dim=32)])
-    else:
+    elif family == "meter":
         model = tiny_meter(objectives=[task, ITM(dim=64, hard_negatives=False)])
+    else:
+        from vlp.encoders import MultimodalEncoder, TransformerTextEncoder, ViTEncoder
+        from vlp.models import FLAVA
+
+        tower = {"dim": 32, "depth": 1, "num_heads": 2}
+        model = FLAVA(
+            ViTEncoder(image_size=32, patch_size=16, **tower),
+            TransformerTextEncoder(vocab_size=60, max_length=16, **tower),
+            MultimodalEncoder(**tower),
+            [task, ITM(hard_negatives=False, pooler=True)],
+            embed_dim=16,
+        )
     assert task.head[0].in_features == model.text_encoder.pooled_dim
     batch = text_batch(torch.tensor([0, 1, 1, 0, 1, 0]))
     loss = model.training_step(batch, 0)

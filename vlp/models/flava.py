@@ -113,7 +113,7 @@ class FLAVA(VLPModule):
 
     def capabilities(self) -> set[str]:
         # codebook: the tokenizer's codes, or batches that carry image_token_ids themselves
-        return {"contrastive", "fusion", "masked_lm", "codebook"}
+        return {"contrastive", "fusion", "masked_lm", "codebook", "text"}
 
     def feature_dims(self) -> dict[str, int]:
         width = self.fusion.dim
@@ -125,6 +125,7 @@ class FLAVA(VLPModule):
             "mlm/text": self.text_encoder.dim,
             "mim/image": self.image_encoder.dim,
             "image_tokens": self.image_encoder.dim,
+            "text": self.text_encoder.pooled_dim,
             "vocab": self.word_embeddings().shape[0],
         }
         if self.image_tokenizer is not None:
@@ -150,10 +151,11 @@ class FLAVA(VLPModule):
         return self.image_encoder(image, patch_mask=patch_mask, mask_token=self.mask_token)
 
     def contrastive_image(self, out: EncoderOutput) -> torch.Tensor:
-        return F.normalize(self.image_proj(out.tokens[:, 0]), dim=-1)  # (B, E)
+        """The tower's pooled output (FLAVA's towers: the CLS after the final norm) → (B, E)."""
+        return F.normalize(self.image_proj(out.pooled), dim=-1)
 
     def contrastive_text(self, out: EncoderOutput) -> torch.Tensor:
-        return F.normalize(self.text_proj(out.tokens[:, 0]), dim=-1)  # (B, E)
+        return F.normalize(self.text_proj(out.pooled), dim=-1)  # (B, E)
 
     def fuse(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """The multimodal encoder over ``[CLS_M, image, text]`` (inputs already in its width),
@@ -230,7 +232,7 @@ class FLAVA(VLPModule):
                 out.image_token_ids = self.image_token_ids(batch)  # (B, N) of the unmasked image
             side = masked_image if masked_image is not None else image
             if image is not None:
-                out.image_pooled = image.tokens[:, 0]  # (B, Dv)
+                out.image_pooled = image.pooled  # (B, Dv)
             if contrast:
                 out.image_embeds = self.contrastive_image(side if contrast_masked else image)  # (B, E)
             out.image_tokens = self.image_to_mm(side.prenorm)  # (B, Li, Dm)
