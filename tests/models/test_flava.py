@@ -227,3 +227,16 @@ def test_mim_targets_come_from_the_tokenizers_view_when_the_batch_has_one():
     assert torch.equal(from_view, model.image_tokenizer(view).flatten(1))
     assert torch.equal(from_image, model.image_tokenizer.encode(x["image"], norm="clip", grid=(4, 4)).flatten(1))
     assert not torch.equal(from_view, from_image)
+
+
+def test_mean_pooled_text_tower_averages_the_real_tokens_only():
+    enc = TransformerTextEncoder(vocab_size=VOCAB, max_length=L + 3, dim=16, depth=1, num_heads=4, pool="mean").eval()
+    x = batch("text")
+    with torch.no_grad():
+        out = enc(x["text_ids"], x["text_mask"])
+        padded = enc(torch.cat([x["text_ids"], torch.zeros(B, 3, dtype=torch.long)], 1), F.pad(x["text_mask"], (0, 3)))
+    m = x["text_mask"].float()[..., None]
+    assert torch.allclose(out.pooled, (out.tokens * m).sum(1) / m.sum(1), atol=1e-6)
+    assert torch.allclose(out.pooled, padded.pooled, atol=1e-5)
+    with pytest.raises(ConfigError, match="pool"):
+        TransformerTextEncoder(vocab_size=VOCAB, dim=16, depth=1, num_heads=4, pool="max")

@@ -158,6 +158,9 @@ class TransformerTextEncoder(Encoder):
         max_length: positions (512).
         dim / depth / num_heads / mlp_ratio / norm_eps / drop: as :class:`ViTEncoder`.
         type_vocab_size / pad_token_id: BERT's (2 / 0).
+        pool: "cls" (FLAVA) or "mean" over the real tokens, after the final norm. Tiny
+            models trained from scratch leave the contrastive plateau sooner with "mean": at
+            initialisation every caption's CLS output is nearly the same.
     """
 
     def __init__(
@@ -173,10 +176,14 @@ class TransformerTextEncoder(Encoder):
         drop: float = 0.0,
         type_vocab_size: int = 2,
         pad_token_id: int = 0,
+        pool: str = "cls",
     ) -> None:
         super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ConfigError(f"TransformerTextEncoder: pool must be 'cls' or 'mean', got {pool!r}")
         self.dim = self.pooled_dim = dim
         self.max_length = max_length
+        self.pool = pool
         self.embed = TextEmbedding(vocab_size, dim, max_length, type_vocab_size, pad_token_id, norm_eps, drop)
         self.transformer = _tower(dim, depth, num_heads, mlp_ratio, norm_eps, drop)
 
@@ -212,7 +219,12 @@ class TransformerTextEncoder(Encoder):
         mask = None if attention_mask is None else attention_mask.bool()
         hidden = self.transformer.forward_blocks(self.embed(input_ids, token_type_ids), mask=mask)  # (B, L, D)
         tokens = self.transformer.norm(hidden)
-        return EncoderOutput(tokens=tokens, pooled=tokens[:, 0], mask=mask, hidden=hidden)
+        if self.pool == "cls":
+            pooled = tokens[:, 0]
+        else:
+            weight = torch.ones_like(input_ids, dtype=tokens.dtype) if mask is None else mask.to(tokens.dtype)
+            pooled = (tokens * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)  # (B, D)
+        return EncoderOutput(tokens=tokens, pooled=pooled, mask=mask, hidden=hidden)
 
 
 class MultimodalEncoder(Transformer):
