@@ -179,3 +179,31 @@ def test_unimodal_losses_match(pair):
         mlm = ours.objectives["mlm"](ours({**text_only, "modality": "text"}), text_only, ours)
     assert_close(mim["mim_loss"], ref_mim, atol=1e-5, rtol=1e-5)
     assert_close(mlm["mlm_loss"], ref_mlm, atol=1e-5, rtol=1e-5)
+
+
+def test_mim_targets_from_the_converted_codebook_match():
+    """transformers computes the MIM labels with its dVAE codebook from ``codebook_pixel_values``;
+    vlp's DalleTokenizer, filled by the converter from ``image_codebook.*``, gives the same codes
+    from the same view (``image_codebook``), and so the same MIM loss."""
+    from vlp.tokenizers import DalleTokenizer
+
+    hf = hf_flava()
+    codebook_config = dict(hidden_size=8, num_groups=4, num_blocks_per_group=1, vocab_size=IMAGE_VOCAB)
+    torch.manual_seed(3)
+    hf.image_codebook = transformers.FlavaImageCodebook(transformers.FlavaImageCodebookConfig(**codebook_config)).eval()
+    ours = vlp_flava()
+    ours.image_tokenizer = DalleTokenizer.from_state_dict(
+        {k: torch.zeros_like(v) for k, v in hf.image_codebook.state_dict().items()}
+    )
+    report = flava_to_vlp(hf.state_dict(), ours)
+    assert report.unknown == [] and report.missing == [], report.summary()
+    x = inputs(4)
+    view = torch.rand(B, 3, 8 * (IMAGE // PATCH), 8 * (IMAGE // PATCH), generator=torch.Generator().manual_seed(5))
+    mapped = view * 0.8 + 0.1  # transformers' image processor applies the dVAE's pixel map; vlp's tokenizer does
+    image_only = {"image": x["image"], "image_mask": x["image_mask"], "image_codebook": view, "modality": "image"}
+    with torch.no_grad():
+        ref = hf(pixel_values=x["image"], bool_masked_pos=x["image_mask"].clone(), codebook_pixel_values=mapped)
+        out = ours(image_only)
+        mim = ours.objectives["mim"](out, image_only, ours)
+    assert torch.equal(out.image_token_ids, hf.image_codebook.get_codebook_indices(mapped).flatten(1))
+    assert_close(mim["mim_loss"], ref.loss_info.mim, atol=1e-5, rtol=1e-5)
