@@ -70,11 +70,11 @@ class Collator:
         for key, value in examples[0].items():  # image, image2 and their views (image_<name>)
             if isinstance(value, torch.Tensor):
                 batch[key] = torch.stack([e[key] for e in examples])  # (B, 3, H, W)
-        if m in ("pair", "vqa", "retrieval", "nlvr2", "ve"):
+        if m in ("pair", "vqa", "retrieval", "nlvr2", "ve", "pair_cls"):
             batch["image_id"] = torch.tensor([e["image_id"] for e in examples], dtype=torch.long)
-        if m in ("pair", "text", "vqa", "nlvr2", "ve"):
+        if m in ("pair", "text", "vqa", "nlvr2", "ve", "pair_cls"):
             self._tokenize(batch, [e["text"] for e in examples])
-        if m in ("image", "nlvr2", "ve"):
+        if m in ("image", "nlvr2", "ve", "pair_cls"):
             batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
         if m == "pair":
             batch["text_image_id"] = batch["image_id"]

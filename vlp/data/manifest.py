@@ -29,7 +29,7 @@ import yaml
 from vlp.errors import ConfigError, DataError
 from vlp.utils.paths import expand_vars
 
-MODALITIES = ("pair", "image", "text", "vqa", "retrieval", "interleaved", "nlvr2", "ve", "text_pair")
+MODALITIES = ("pair", "image", "text", "vqa", "retrieval", "interleaved", "nlvr2", "ve", "text_pair", "pair_cls")
 
 #: img2dataset-compatible default field names per role; ";" separates alternatives.
 DEFAULT_FIELDS = {

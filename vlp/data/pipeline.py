@@ -26,7 +26,11 @@ from vlp.data.transforms import ImageDecodeError, decode_image, split_views
 IMAGE_MARK = "<image>"
 #: Label names by index: NLVR2 (false/true) and SNLI-VE (the order SNLI lists them in;
 #: LAVIS uses the reverse). ``json.label`` may be the index or the name.
-LABELS = {"nlvr2": ("false", "true"), "ve": ("entailment", "neutral", "contradiction")}
+LABELS = {
+    "nlvr2": ("false", "true"),
+    "ve": ("entailment", "neutral", "contradiction"),
+    "pair_cls": ("negative", "positive"),
+}
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's per-shard metadata members
 
 
@@ -163,6 +167,7 @@ class SampleDecoder:
             "nlvr2": self._nlvr2,
             "ve": self._ve,
             "text_pair": self._text_pair,
+            "pair_cls": self._pair_cls,
         }[modality]
 
     def __call__(self, sample: dict | Skipped) -> dict | Skipped:
@@ -315,6 +320,19 @@ class SampleDecoder:
             "image": self._image(sample),
             "text": hypothesis,
             "label": label,
+            "image_id": self._image_id(sample, meta),
+            "key": key,
+        }
+
+    def _pair_cls(self, sample: dict, key: str) -> dict:
+        """Binary classification of an (image, text) pair (Hateful Memes: ``json`` {text,
+        label}, 1 = hateful); the text may also come from the ``txt`` field."""
+        meta = self._json(sample, required=True)
+        text = self._sentence(meta, "text") if "text" in meta else self._text(sample)
+        return {
+            "image": self._image(sample),
+            "text": text,
+            "label": self._label(meta),
             "image_id": self._image_id(sample, meta),
             "key": key,
         }

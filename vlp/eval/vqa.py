@@ -364,3 +364,42 @@ def format_vqa_table(results: dict[str, float], baseline: dict[str, float] | Non
             row += f"{b:12.2f}" if isinstance(b, (int, float)) and not isinstance(b, bool) else f"{'-':>12}"
         lines.append(row)
     return "\n".join(lines)
+
+
+class BinaryAccuracyAUROC(Metric):
+    """Accuracy and ROC-AUC (both in percent) of binary scores: Hateful Memes' metrics.
+
+    ``update(logits, target)``: ``logits`` (B, 2), ``target`` (B,) in {0, 1}. The states are
+    sums that reduce across ranks whatever each rank holds (none included): correct and total
+    counts, and per-label histograms of P(positive) over ``bins`` equal bins, from which the
+    AUROC is computed (pairs in one bin count half, as ties do), exact to the bin width.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self, bins: int = 4096, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.bins = int(bins)
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("hist", default=torch.zeros(2, self.bins, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        if logits.ndim != 2 or logits.shape[1] != 2:
+            raise ConfigError(f"binary scores must be (B, 2) logits, got shape {tuple(logits.shape)}")
+        target = target.view(-1).long()
+        self.correct += (logits.argmax(1) == target).sum()
+        self.total += target.numel()
+        p = logits.float().softmax(1)[:, 1]  # (B,) P(positive)
+        bin_ = (p * self.bins).long().clamp_(0, self.bins - 1)
+        self.hist.index_put_((target, bin_), torch.ones_like(bin_), accumulate=True)
+
+    def compute(self) -> dict[str, float]:
+        neg, pos = self.hist[0].double(), self.hist[1].double()
+        below = torch.cumsum(neg, 0) - neg  # negatives in lower bins
+        pairs = float(neg.sum() * pos.sum())
+        auroc = float((pos * (below + 0.5 * neg)).sum()) / pairs if pairs else float("nan")
+        acc = float(self.correct) / float(self.total) if int(self.total) else float("nan")
+        return {"acc": 100 * acc, "auroc": 100 * auroc}

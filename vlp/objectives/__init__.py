@@ -8,7 +8,7 @@ from vlp.objectives.itm import ITM
 from vlp.objectives.mim import MIM
 from vlp.objectives.mlm import MLM
 from vlp.objectives.momentum_itc import MomentumITC
-from vlp.objectives.tasks import NLVR2, VE, VQA, Retrieval
+from vlp.objectives.tasks import NLVR2, VE, VQA, PairClassification, Retrieval
 from vlp.objectives.text_tasks import TextTask
 from vlp.utils.distributed import gather_no_grad, gather_with_grad, world_info
 
@@ -24,6 +24,7 @@ __all__ = [
     "MomentumITC",
     "NLVR2",
     "Objective",
+    "PairClassification",
     "Retrieval",
     "TextTask",
     "VE",

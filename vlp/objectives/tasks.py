@@ -33,7 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp.errors import ConfigError
-from vlp.eval.vqa import ClassificationAccuracy, VQAAccuracy, format_vqa_table, normalize_answer, vqa_soft_scores
+from vlp.eval.vqa import (
+    BinaryAccuracyAUROC,
+    ClassificationAccuracy,
+    VQAAccuracy,
+    format_vqa_table,
+    normalize_answer,
+    vqa_soft_scores,
+)
 from vlp.objectives.base import Objective, find_objective
 from vlp.utils.paths import resolve_path
 
@@ -195,6 +202,55 @@ class VQA(TaskHead):
         scores = metric.compute()
         scores = {k: v for k, v in scores.items() if not math.isnan(v)}
         return scores, format_vqa_table(scores, self.baseline, title=title)
+
+
+class PairClassification(TaskHead):
+    """Binary classification of (image, text) pairs: Hateful Memes (1 = hateful) and any
+    dataset in the ``pair_cls`` modality (``json`` {text, label}); cross-entropy over two
+    logits; accuracy and ROC-AUC (the Hateful Memes metric). Any fusion family.
+
+    Args:
+        dim: width of the match features (default: the model's).
+    """
+
+    default_name = "pair_cls"
+    default_modalities = ("pair_cls",)
+    eval_modalities = ("pair_cls",)
+    requires = ("fused_cls",)
+    requires_batch = ("label",)
+    num_outputs = 2
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        *,
+        name: str | None = None,
+        modalities: list[str] | None = None,
+        dim: int | None = None,
+    ) -> None:
+        super().__init__(weight, name=name, modalities=modalities)
+        self.head = self.make_head(dim)
+        self.chance = {"acc": 50.0, "auroc": 50.0}
+
+    def forward(self, output, batch: dict, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        logits = self.head(output.fused_cls)  # (B, 2)
+        label = batch["label"].view(-1)
+        loss = F.cross_entropy(logits, label)
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == label).float().mean()
+        return self.named(loss=loss, acc=acc)
+
+    def new_metric(self) -> BinaryAccuracyAUROC:
+        return BinaryAccuracyAUROC()
+
+    @torch.no_grad()
+    def evaluate(self, metric: BinaryAccuracyAUROC, output, batch: dict, model=None) -> None:
+        metric.update(self.head(output.fused_cls), batch["label"].view(-1))
+
+    def summarize(self, metric: BinaryAccuracyAUROC, title: str = "") -> tuple[dict[str, float], str]:
+        scores = metric.compute()
+        table = f"accuracy {scores['acc']:.2f}% (chance 50.00), ROC-AUC {scores['auroc']:.2f} (chance 50.00)"
+        return scores, (f"{title}\n" if title else "") + table
 
 
 class VE(TaskHead):
