@@ -314,15 +314,13 @@ class Payload:
 def test_checkpoints_are_read_as_weights_only(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "hook": Payload()}, evil)
-    with pytest.raises(
-        CheckpointError, match=r"evil\.pt: not a readable weights-only checkpoint: it pickles .*\.Payload"
-    ):
+    with pytest.raises(CheckpointError, match=r"evil\.pt with weights_only=True: it pickles .*\.Payload"):
         read_flava_checkpoint(str(evil))
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 16)
-    with pytest.raises(CheckpointError, match=r"garbage\.safetensors: not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match=r"cannot read safetensors file .*garbage\.safetensors"):
         read_flava_checkpoint(str(garbage))
-    with pytest.raises(CheckpointError, match="FLAVA checkpoint not found: .*absent.pt"):
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*absent.pt"):
         read_flava_checkpoint(str(tmp_path / "absent.pt"))
 
 

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from vlp.convert.common import ConversionReport, count_indices, extract_state_dict, save_state_dict
 from vlp.errors import CheckpointError, ConfigError
 from vlp.objectives.base import names_by_kind
+from vlp.utils.checkpoint import read_checkpoint
 
 #: HF layer sub-keys → vlp TransformerBlock sub-keys (q/k/v are concatenated into qkv)
 _LAYER = {
@@ -565,26 +566,7 @@ def _mlm(name: str, modality: str, dim: int, vocab: int) -> dict:
 # -- files -------------------------------------------------------------------------------
 def read_flava_checkpoint(path: str) -> dict[str, Tensor]:
     """A FLAVA state dict from ``path`` (safetensors, or a torch file read with weights_only)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"FLAVA checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:
-            raise CheckpointError(
-                f"{path}: not a readable weights-only checkpoint: it pickles {found[1]}, which "
-                "torch.load(weights_only=True) refuses (save its state dict alone, or as safetensors)"
-            ) from None
-        raise CheckpointError(f"{path}: not a readable weights-only checkpoint ({type(e).__name__}: {e})") from None
-    return extract_state_dict(ckpt, path)
+    return extract_state_dict(read_checkpoint(path), path)
 
 
 def convert_flava(

@@ -66,7 +66,25 @@ class PatchEmbedding(nn.Module):
         return x + self.positions(h, w)
 
 
-class ViTEncoder(Encoder):
+class PreNormTower(Encoder):
+    """What both towers share: an ``embed`` module, then ``transformer`` (blocks, final norm)."""
+
+    embed: nn.Module
+    transformer: Transformer
+
+    def layer_groups(self) -> list[nn.Module]:
+        return [self.embed, *self.transformer.blocks, self.transformer.norm]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.set_grad_checkpointing(enable)
+
+    def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedded inputs (B, L, D) → (tokens after the final norm, states before it)."""
+        hidden = self.transformer.forward_blocks(x, mask=mask)  # (B, L, D)
+        return self.transformer.norm(hidden), hidden
+
+
+class ViTEncoder(PreNormTower):
     """A pre-norm ViT: CLS token, learned positions, masked patches replaced by a given mask
     token before CLS and positions are added (BEiT / FLAVA).
 
@@ -104,19 +122,11 @@ class ViTEncoder(Encoder):
             return f"cuts images into {self.patch_size} px patches ({size} is not a multiple)"
         return None
 
-    def layer_groups(self) -> list[nn.Module]:
-        return [self.embed, *self.transformer.blocks, self.transformer.norm]
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.transformer.set_grad_checkpointing(enable)
-
     def forward(
         self, images: torch.Tensor, patch_mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
     ) -> EncoderOutput:
         """``images`` (B, 3, H, W); ``patch_mask`` (B, h*w) bool, True = replaced by ``mask_token`` (D,)."""
-        x = self.dropout(self.embed(images, patch_mask, mask_token))  # (B, 1 + N, D)
-        hidden = self.transformer.forward_blocks(x)  # (B, 1 + N, D)
-        tokens = self.transformer.norm(hidden)
+        tokens, hidden = self.encode(self.dropout(self.embed(images, patch_mask, mask_token)))  # (B, 1 + N, D)
         return EncoderOutput(tokens=tokens, pooled=tokens[:, 0], hidden=hidden)
 
 
@@ -149,7 +159,7 @@ class TextEmbedding(nn.Module):
         return self.dropout(self.norm(x + self.token_type(types)))
 
 
-class TransformerTextEncoder(Encoder):
+class TransformerTextEncoder(PreNormTower):
     """BERT-style embeddings followed by a pre-norm transformer (FLAVA's text encoder);
     ``pooled`` is the CLS token after the final norm.
 
@@ -203,12 +213,6 @@ class TransformerTextEncoder(Encoder):
             new.weight[: old.num_embeddings] = old.weight
         self.embed.word = new
 
-    def layer_groups(self) -> list[nn.Module]:
-        return [self.embed, *self.transformer.blocks, self.transformer.norm]
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.transformer.set_grad_checkpointing(enable)
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -217,8 +221,7 @@ class TransformerTextEncoder(Encoder):
     ) -> EncoderOutput:
         """``input_ids`` (B, L); ``attention_mask`` (B, L), 1 = real token."""
         mask = None if attention_mask is None else attention_mask.bool()
-        hidden = self.transformer.forward_blocks(self.embed(input_ids, token_type_ids), mask=mask)  # (B, L, D)
-        tokens = self.transformer.norm(hidden)
+        tokens, hidden = self.encode(self.embed(input_ids, token_type_ids), mask)  # (B, L, D)
         if self.pool == "cls":
             pooled = tokens[:, 0]
         else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 import torch
@@ -32,6 +33,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"cannot read checkpoint {path} with weights_only=True: it pickles {found[1]}, which needs "
+                "arbitrary code to unpickle and is refused (save its state dict alone, or as safetensors)"
+            ) from None
         reason = (str(e).strip().splitlines() or ["no message"])[0]
         raise CheckpointError(
             f"cannot read checkpoint {path} with weights_only=True ({type(e).__name__}: {reason}); "
