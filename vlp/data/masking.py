@@ -38,12 +38,22 @@ def mask_tokens(
     replace_prob: float = 0.8,
     random_prob: float = 0.1,
     generator: torch.Generator | None = None,
+    continuation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: pick ``mlm_probability`` of the non-special tokens as targets; of those
-    replace 80% by [MASK], 10% by a random token, keep 10%. Returns (masked_ids, labels)."""
+    replace 80% by [MASK], 10% by a random token, keep 10%. Returns (masked_ids, labels).
+    With ``continuation`` (B, L) bool (True: the token continues the previous word), whole
+    words are picked: a word's first token is drawn and its pieces follow it."""
     probs = torch.full(input_ids.shape, mlm_probability)
     probs.masked_fill_(special_mask, 0.0)
+    if continuation is not None:
+        start = ~continuation | special_mask  # (B, L) each word's first token
+        probs.masked_fill_(~start, 0.0)
     targets = torch.bernoulli(probs, generator=generator).bool()  # (B, L)
+    if continuation is not None:
+        position = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        first = torch.cummax(torch.where(start, position, 0), dim=1).values  # (B, L) its word's first token
+        targets = targets.gather(1, first) & ~special_mask
     labels = input_ids.masked_fill(~targets, -100)
     # one uniform draw decides mask / random / keep, vectorised over the batch
     u = torch.rand(input_ids.shape, generator=generator)
@@ -62,14 +72,23 @@ class MLMMasker(Masker):
     Args:
         mlm_probability: fraction of (non-special) tokens that become targets.
         replace_prob / random_prob: of the targets, fraction set to [MASK] / a random token.
+        whole_word: mask whole words (all WordPiece pieces of a picked word), with
+            ``mlm_probability`` the fraction of words.
     """
 
-    def __init__(self, mlm_probability: float = 0.15, replace_prob: float = 0.8, random_prob: float = 0.1) -> None:
+    def __init__(
+        self,
+        mlm_probability: float = 0.15,
+        replace_prob: float = 0.8,
+        random_prob: float = 0.1,
+        whole_word: bool = False,
+    ) -> None:
         if not 0 < mlm_probability < 1 or replace_prob + random_prob > 1:
             raise ConfigError("MLMMasker: need 0 < mlm_probability < 1 and replace_prob + random_prob <= 1")
         self.mlm_probability = mlm_probability
         self.replace_prob = replace_prob
         self.random_prob = random_prob
+        self.whole_word = whole_word
 
     def __call__(self, batch: dict, tokenizer, generator: torch.Generator | None = None) -> dict:
         if "text_ids" not in batch:
@@ -87,6 +106,7 @@ class MLMMasker(Masker):
             replace_prob=self.replace_prob,
             random_prob=self.random_prob,
             generator=generator,
+            continuation=tokenizer.continuation_mask(ids) if self.whole_word else None,
         )
         return batch
 
