@@ -37,6 +37,7 @@ FILES = {  # modality -> the files of every sample
     "retrieval": {"jpg", "json"},
     "nlvr2": {"left.jpg", "right.jpg", "json"},
     "ve": {"jpg", "json"},
+    "pair_cls": {"jpg", "json"},
     "text_pair": {"json"},
 }
 
@@ -106,6 +107,7 @@ def test_every_modality_and_split_with_the_counts_the_manifests_claim(shapes, sa
         "vqa": {"train": SIZE // 2, "val": 200, "test": 500},
         "nlvr2": {"train": SIZE // 2, "val": 200, "test": 500},  # multiples of 10: balanced
         "ve": {"train": 999, "val": 198, "test": 498},  # multiples of 3
+        "pair_cls": {"train": SIZE // 2, "val": 200, "test": 500},  # even: balanced
         "text_pair": {"train": SIZE // 2, "val": 200, "test": 500},  # even: balanced
     }
     for x in samples["pair"]["train"][:5]:
@@ -304,3 +306,13 @@ def test_bad_arguments():
         write_shapes("unused", captions_per_image=9)
     with pytest.raises(ConfigError, match="size"):
         write_shapes("unused", size=0)
+
+
+def test_pair_cls_sentences_are_true_or_false_as_labelled(samples):
+    """The binary pair split: label 1 sentences are VE's contradictions of their scene, label 0
+    its entailments; balanced; the sentence alone does not tell (the recorded baseline)."""
+    for split, rows in samples["pair_cls"].items():
+        labels = [x["json"]["label"] for x in rows]
+        assert sum(labels) * 2 == len(labels), split
+        types = {x["json"]["type"] for x in rows}
+        assert len(types) > 1

@@ -13,7 +13,9 @@ max(200, N//40), /test max(500, N//20) · interleaved/train N//10 documents of 2
 nlvr2 and ve (downstream tasks of METER-style fine-tuning), each /train N//2, /val
 max(200, N//40), /test max(500, N//20), rounded down to a multiple of 10 (nlvr2: 5
 templates x 2 labels; train at least 10) or 3 (ve: 3 labels) so that labels are
-exactly balanced; plus
+exactly balanced; pair_cls (a binary image-sentence task, Hateful Memes-style: 1 when the
+sentence is false of the image, VE's contradictions, 0 for its entailments) /train N//2,
+/val max(200, N//40), /test max(500, N//20), even; plus
 ``info.json`` (counts, chance levels, vocabulary, templates), ``classes.json`` (class
 names, zero-shot prompts) and ``manifests/shapes_<modality>.yaml``.
 

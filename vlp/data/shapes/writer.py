@@ -52,7 +52,7 @@ def write_shapes(
         )
     if not 1 <= captions_per_image <= len(TEMPLATES[2]):
         raise ConfigError(f"captions_per_image must be in 1..{len(TEMPLATES[2])}, got {captions_per_image}")
-    root, ids, qa, statements, hypotheses = Path(out), itertools.count(), {}, {}, {}
+    root, ids, qa, statements, hypotheses, flagged = Path(out), itertools.count(), {}, {}, {}, {}
     bases = hard_negative_bases()  # held-out groups: never in a training split
     random.Random(f"shapes-{seed}-held-out").shuffle(bases)
     val_g, test_g = max(200, size // 40) // GROUP_SIZE, max(500, size // 20) // GROUP_SIZE
@@ -173,6 +173,16 @@ def write_shapes(
             },
         }
 
+    def pair_cls(rng: random.Random, i: int, split: str) -> dict:  # labels alternate: balanced
+        label = i % 2  # 1: the sentence is false of the image (VE's contradictions), 0: it is true
+        scene, text, htype = make_ve(rng, VE_LABELS.index("contradiction") if label else 0, held_out)
+        flagged.setdefault(split, []).append((htype, text, label))
+        n = next(ids)
+        return {
+            "jpg": image(scene),
+            "json": {"id": n, "image_id": n, "text": text, "label": label, "type": htype, "scene": scene.to_dict()},
+        }
+
     def text_pair(rng: random.Random, i: int, split: str) -> dict:  # labels alternate: balanced
         return {"json": make_text_pair(rng, i % 2)}
 
@@ -197,6 +207,9 @@ def write_shapes(
         ("ve", "train", multiple(size // 2, ve_step), ve),
         ("ve", "val", multiple(max(200, size // 40), ve_step), ve),
         ("ve", "test", multiple(max(500, size // 20), ve_step), ve),
+        ("pair_cls", "train", multiple(size // 2, 2), pair_cls),
+        ("pair_cls", "val", multiple(max(200, size // 40), 2), pair_cls),
+        ("pair_cls", "test", multiple(max(500, size // 20), 2), pair_cls),
         ("text_pair", "train", multiple(size // 2, 2), text_pair),
         ("text_pair", "val", multiple(max(200, size // 40), 2), text_pair),
         ("text_pair", "test", multiple(max(500, size // 20), 2), text_pair),
@@ -225,6 +238,7 @@ def write_shapes(
             "vqa": {k: vqa_majority(qa["train"], qa[k]) for k in ("val", "test")},
             "nlvr2": pair_task_chance(statements, 2),  # labels: 0 false, 1 true
             "ve": pair_task_chance(hypotheses, len(VE_LABELS), by_template=False),
+            "pair_cls": pair_task_chance(flagged, 2, by_template=False),  # labels: 0 true, 1 false
             "text_pair": {"acc": 50.0, "bag_of_words_best": 50.0},  # balanced; same bags of words
         },
         "hard_negatives": {
@@ -266,6 +280,7 @@ def shapes_manifests(root: str, info: dict) -> dict[str, Manifest]:
         "vqa": {"majority_baseline": chance["vqa"], "question_types": info["question_types"]},
         "nlvr2": {"labels": ["false", "true"], "templates": info["nlvr2_templates"], **chance["nlvr2"]},
         "ve": {"labels": info["ve_labels"], "types": info["ve_types"], **chance["ve"]},
+        "pair_cls": {"labels": ["true", "false"], **chance["pair_cls"]},
         "text_pair": {
             "labels": info["text_pair_labels"],
             "kinds": info["text_pair_kinds"],
@@ -284,6 +299,8 @@ def shapes_manifests(root: str, info: dict) -> dict[str, Manifest]:
         "nlvr2": "two images and a sentence about the pair, true (1) or false (0); "
         f"{len(info['nlvr2_templates'])} templates, labels balanced per template",
         "ve": "one image and a hypothesis: 0 entailment, 1 neutral, 2 contradiction (SNLI-VE order), balanced",
+        "pair_cls": "one image and a sentence, 1 when the sentence is false of the image (a colour changed, "
+        "a relation reversed, a count off by one), 0 when true (a binary pair task, Hateful Memes-style), balanced",
         "text_pair": "two captions, 1 when they describe the same scene, 0 when b swaps a's colours and/or "
         "positions (the same bag of words: only word order tells), balanced",
     }
