@@ -73,3 +73,23 @@ def test_finding_results_files(tmp_path):
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ConfigError, match="not a vlp test results file"):
         load_results(tmp_path / "bad.json")
+
+
+def test_several_test_sources_give_one_table_each(tmp_path, capsys):
+    from vlp.eval.compare import compare_main
+
+    def two_sources(zs, r1):
+        image = {"scores": {"zeroshot_top1": zs}, "chance": {"zeroshot_top1": 4.17}, "num_images": 984}
+        retrieval = {"scores": {"i2t_r1": r1}, "chance": {"i2t_r1": 0.1}, "num_images": 1000, "num_texts": 5000}
+        results = {"test/shapes_image/test": image, "test/shapes_retrieval/test": retrieval}
+        return {"model": "FLAVA", "num_parameters": 1_000_000, "results": results}
+
+    for name, values in (("a", (51.8, 7.7)), ("b", (42.9, 5.0))):
+        (tmp_path / f"{name}.json").write_text(json.dumps(two_sources(*values)))
+    table = compare_main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--names", "FLAVA_C,FLAVA"])
+    image, retrieval = table.split("\n\n")
+    assert image.splitlines()[0] == "test/shapes_image/test" and retrieval.startswith("test/shapes_retrieval/test")
+    row = next(line for line in image.splitlines() if line.startswith("zero-shot top-1"))
+    assert row.split()[-3:] == ["51.80", "42.90", "4.17"]
+    assert image.splitlines()[-1] == "(984 images; '-': not reported)"
+    assert "7.70" in retrieval and "5000 texts" in retrieval

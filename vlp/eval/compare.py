@@ -2,6 +2,9 @@
 
     vlp compare runs/tiny_clip_minilm runs/tiny_albef [--source test] [--names clip,albef]
 
+With several test sources (logged as ``test/<source>``) it prints one table per source
+that every run has.
+
 Each argument is a ``test_results.json`` written by ``vlp test`` (see
 ``VLPModule.on_test_end``) or a run folder, in which the newest such file is used. Rows are
 the metrics any run reports (R@K per direction and their mean, for ITC and, for fusion
@@ -29,7 +32,15 @@ ROWS = [
     ("itm_acc", "ITM accuracy (balanced)"),
 ]
 CHANCE = {"itm_acc": 50.0}  # balanced: half matching pairs, half hardest negatives
-OTHER_LABELS = {"overall": "accuracy, overall", "acc": "accuracy"}
+OTHER_LABELS = {
+    "overall": "accuracy, overall",
+    "acc": "accuracy",
+    "auroc": "ROC-AUC",
+    "zeroshot_top1": "zero-shot top-1",
+    "zeroshot_top5": "zero-shot top-5",
+    "probe_top1": "linear probe top-1",
+    "probe_top5": "linear probe top-5",
+}
 
 
 def find_results(path: str | Path) -> Path:
@@ -105,7 +116,8 @@ def compare_table(records: dict[str, dict], source: str = "test") -> str:
         lines.append(f"{label:{label_w}}{row}" + (f"{chance:{width}.2f}" if chance is not None else ""))
     first = next(iter(picked.values()))
     if "num_images" in first:
-        lines.append(f"({first['num_images']} images, {first.get('num_texts', '?')} texts; '-': not reported)")
+        texts = f", {first['num_texts']} texts" if "num_texts" in first else ""
+        lines.append(f"({first['num_images']} images{texts}; '-': not reported)")
     elif tasks:
         lines.append(f"(task: {', '.join(sorted(tasks))}; accuracy in %; '-': not reported)")
     return "\n".join(lines)
@@ -121,7 +133,13 @@ def compare_main(args: list[str]) -> str:
     if len(names) != len(ns.runs) or len(set(names)) != len(names):
         raise ConfigError(f"--names needs {len(ns.runs)} distinct names, got {ns.names!r}")
     records = {name: load_results(run) for name, run in zip(names, ns.runs, strict=True)}
-    table = compare_table(records, ns.source)
+    sources = [ns.source]
+    if not all(ns.source in r["results"] for r in records.values()):
+        # several evaluation sources (logged as <stage>/<source>): one table each, those all runs have
+        per_run = [{k for k in r["results"] if k.startswith(ns.source + "/")} for r in records.values()]
+        sources = sorted(set.intersection(*per_run)) or sources
+    tables = [compare_table(records, src) for src in sources]
+    table = "\n\n".join(t if len(sources) == 1 else f"{src}\n{t}" for src, t in zip(sources, tables, strict=True))
     print(table)
     return table
 
