@@ -90,3 +90,11 @@ def test_whole_word_masking_masks_every_piece_of_a_picked_word():
         t = plain["mlm_labels"][b] != -100
         split += sum(1 for w in word[b].unique() if 0 < t[word[b] == w].sum() < (word[b] == w).sum())
     assert split > 0
+
+
+def test_whole_word_masking_needs_a_tokenizer_that_knows_word_boundaries():
+    from vlp.data.tokenization import OpenCLIPTokenizer
+    from vlp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="OpenCLIPTokenizer cannot tell word boundaries"):
+        OpenCLIPTokenizer().continuation_mask(torch.zeros(1, 3, dtype=torch.long))

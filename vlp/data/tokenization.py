@@ -59,8 +59,8 @@ class Tokenizer:
 
     def continuation_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) bool, True for tokens that continue the word before them (WordPiece ``##``
-        pieces), for whole-word masking; a tokenizer without sub-words has none."""
-        return torch.zeros_like(input_ids, dtype=torch.bool)
+        pieces), for whole-word masking."""
+        raise ConfigError(f"{type(self).__name__} cannot tell word boundaries: whole-word masking needs an HFTokenizer")
 
     def add_special_tokens(self, tokens: list[str]) -> list[int]:
         """Add ``tokens`` (e.g. ``["<image>", "<|endofchunk|>"]``) as special tokens, each
@@ -242,26 +242,8 @@ class OpenCLIPTokenizer(Tokenizer):
             self._tok = open_clip.get_tokenizer(self.model_name, context_length=self.max_length)
         return self._tok
 
-    def continuation_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """WordPiece: tokens written ``##...`` continue a word; byte-level BPE / SentencePiece
-        vocabularies: tokens without the word-start mark (``Ġ`` / ``▁``) do, specials excepted."""
-        table = getattr(self, "_continuation", None)
-        if table is None or table.numel() < self.vocab_size:
-            tokens = self.tok.convert_ids_to_tokens(list(range(self.vocab_size)))
-            wordpiece = any(t.startswith("##") for t in tokens if t)
-            special = set(self.tok.all_special_tokens)
-            marks = ("Ġ", "▁")
-            table = torch.tensor(
-                [
-                    bool(t) and t not in special and (t.startswith("##") if wordpiece else not t.startswith(marks))
-                    for t in tokens
-                ]
-            )
-            self._continuation = table
-        return table[input_ids.clamp(0, table.numel() - 1)]
-
     def __getstate__(self):
-        return {**self.__dict__, "_tok": None, "_continuation": None}
+        return {**self.__dict__, "_tok": None}
 
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
         ids = self.tok(list(texts))  # (B, max_length), 0-padded
