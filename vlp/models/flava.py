@@ -34,6 +34,7 @@ from vlp.models.base import OptimConfig, VLPModule
 from vlp.models.outputs import VLPOutput
 from vlp.objectives.base import Objective, find_objective
 from vlp.objectives.itm import ITM
+from vlp.tokenizers.base import ImageTokenizer
 
 
 @dataclass
@@ -81,7 +82,7 @@ class FLAVA(VLPModule):
         objectives: list[Objective] | None = None,
         *,
         embed_dim: int = 768,
-        image_tokenizer: nn.Module | None = None,
+        image_tokenizer: ImageTokenizer | None = None,
         contrastive_on: str = "unmasked",
         tokenizer_view: str | None = "codebook",
         rerank_k: int = 128,
@@ -95,16 +96,14 @@ class FLAVA(VLPModule):
         self.image_encoder, self.text_encoder, self.fusion = image_encoder, text_encoder, fusion
         width = getattr(fusion, "dim", None)
         if width is None:
-            raise ConfigError("model.fusion needs a `dim` (use vlp.blocks.Transformer)")
+            raise ConfigError("model.fusion needs a `dim` (use vlp.encoders.MultimodalEncoder)")
         self.image_proj = nn.Linear(image_encoder.dim, embed_dim)
         self.text_proj = nn.Linear(text_encoder.dim, embed_dim)
         self.image_to_mm = nn.Linear(image_encoder.dim, width)
         self.text_to_mm = nn.Linear(text_encoder.dim, width)
         self.fusion_cls = nn.Parameter(torch.zeros(1, 1, width))
         self.mask_token = nn.Parameter(torch.zeros(image_encoder.dim))
-        self.image_tokenizer = image_tokenizer
-        if image_tokenizer is not None:
-            image_tokenizer.requires_grad_(False)
+        self.image_tokenizer = image_tokenizer  # frozen and kept in eval mode by ImageTokenizer itself
         self.contrastive_on = contrastive_on
         self.tokenizer_view = tokenizer_view
         self.image_norm = "clip"  # the data's norm, set when the model meets the data (check_data)
@@ -131,12 +130,6 @@ class FLAVA(VLPModule):
         if self.image_tokenizer is not None:
             dims["image_vocab"] = self.image_tokenizer.num_codes
         return dims
-
-    def train(self, mode: bool = True) -> FLAVA:
-        super().train(mode)
-        if self.image_tokenizer is not None:  # frozen: its norms and dropout stay in eval mode
-            self.image_tokenizer.eval()
-        return self
 
     # -- the towers -----------------------------------------------------------------------
     def num_patches(self) -> int:
