@@ -25,17 +25,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 VLP = [sys.executable, "-m", "vlp.cli"]
 
-# run → (commands, the folders they write, the folder holding test_results.json)
-RUNS: dict[str, tuple[list[list[str]], list[str], str]] = {
+# run → (commands, the folders they write, the folders holding test_results.json)
+RUNS: dict[str, tuple[list[list[str]], list[str], list[str]]] = {
     "clip": (
         [["fit", "--config", "recipes/tiny/clip.yaml"], ["test", "--ckpt", "runs/tiny_clip/checkpoints/last.ckpt"]],
         ["runs/tiny_clip"],
-        "runs/tiny_clip",
+        ["runs/tiny_clip"],
     ),
     "albef": (
         [["fit", "--config", "recipes/tiny/albef.yaml"], ["test", "--ckpt", "runs/tiny_albef/checkpoints/last.ckpt"]],
         ["runs/tiny_albef"],
-        "runs/tiny_albef",
+        ["runs/tiny_albef"],
     ),
     "clip_minilm": (
         [
@@ -43,7 +43,7 @@ RUNS: dict[str, tuple[list[list[str]], list[str], str]] = {
             ["test", "--ckpt", "runs/tiny_clip_minilm/checkpoints/last.ckpt"],
         ],
         ["runs/tiny_clip_minilm"],
-        "runs/tiny_clip_minilm",
+        ["runs/tiny_clip_minilm"],
     ),
     "meter_vqa": (
         [
@@ -52,7 +52,49 @@ RUNS: dict[str, tuple[list[list[str]], list[str], str]] = {
             ["test", "--ckpt", "runs/tiny_meter_vqa/checkpoints/last.ckpt"],
         ],
         ["runs/tiny_meter", "runs/tiny_meter_vqa"],
-        "runs/tiny_meter_vqa",
+        ["runs/tiny_meter_vqa"],
+    ),
+    # `make demo-flava`'s two arms, each pretrained then fine-tuned on VQA
+    "flava": (
+        [
+            ["fit", "--config", "recipes/tiny/flava.yaml"],
+            ["test", "--ckpt", "runs/tiny_flava/checkpoints/last.ckpt"],
+            ["fit", "--config", "recipes/finetune/tiny_flava_vqa.yaml"],
+            ["test", "--ckpt", "runs/tiny_flava_vqa/checkpoints/last.ckpt"],
+        ],
+        ["runs/tiny_flava", "runs/tiny_flava_vqa"],
+        ["runs/tiny_flava", "runs/tiny_flava_vqa"],
+    ),
+    "flava_c": (
+        [
+            ["fit", "--config", "recipes/tiny/flava.yaml", "--config", "recipes/ablations/flava_tiny_contrastive.yaml"],
+            ["test", "--ckpt", "runs/tiny_flava_c/checkpoints/last.ckpt"],
+            [
+                "fit",
+                "--config",
+                "recipes/finetune/tiny_flava_vqa.yaml",
+                "--config",
+                "recipes/ablations/flava_tiny_contrastive_vqa.yaml",
+            ],
+            ["test", "--ckpt", "runs/tiny_flava_c_vqa/checkpoints/last.ckpt"],
+        ],
+        ["runs/tiny_flava_c", "runs/tiny_flava_c_vqa"],
+        ["runs/tiny_flava_c", "runs/tiny_flava_c_vqa"],
+    ),
+    # full FLAVA with the contrastive loss on the masked pass (pretraining only)
+    "flava_masked": (
+        [
+            [
+                "fit",
+                "--config",
+                "recipes/tiny/flava.yaml",
+                "--config",
+                "recipes/ablations/flava_tiny_masked_contrastive.yaml",
+            ],
+            ["test", "--ckpt", "runs/tiny_flava_masked/checkpoints/last.ckpt"],
+        ],
+        ["runs/tiny_flava_masked"],
+        ["runs/tiny_flava_masked"],
     ),
 }
 
@@ -65,8 +107,13 @@ def run_seed(name: str, seed: int, out: Path) -> dict:
     for args in commands:
         extra = [f"--seed_everything={seed}"] if args[0] == "fit" else []
         subprocess.run([*VLP, *args, *extra, "--trainer.enable_progress_bar=false"], cwd=REPO, check=True)
-    record = json.loads(next((REPO / results).rglob("test_results.json")).read_text())
+    record: dict = {"results": {}}
+    for folder in results:
+        # the newest test of each folder (a folder tested twice keeps only the last)
+        found = sorted((REPO / folder).rglob("test_results.json"), key=lambda f: f.stat().st_mtime)
+        record["results"].update(json.loads(found[-1].read_text())["results"])
     record["seconds"] = time.time() - start
+    record["seed"] = seed
     dest = out / name / f"s{seed}"
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
@@ -113,7 +160,10 @@ def main() -> None:
         pass
     blocks = []
     for name in args.runs:
-        records = [run_seed(name, seed, out) for seed in args.seeds]
+        for seed in args.seeds:
+            run_seed(name, seed, out)
+        # every seed recorded for this run so far, from this invocation or earlier ones
+        records = [json.loads(f.read_text()) for f in sorted((out / name).glob("s*/record.json"))]
         blocks.append(summary(name, records))
         text = f"Machine: {machine}\n\n" + "\n\n".join(blocks) + "\n"
         (out / "summary.md").write_text(text)

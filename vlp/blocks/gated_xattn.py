@@ -40,10 +40,17 @@ class MaskedCrossAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
         self.apply(init_weights)
 
-    def media_mask(self, media_locations: Tensor, num_media: int, num_latents: int) -> Tensor:
-        """(B, 1, L, T * n) bool: may text token i attend to latent j of image t?"""
-        text_time = media_locations.long().cumsum(dim=-1)  # (B, L): 1-based latest image, 0: none
-        media_time = torch.arange(1, num_media + 1, device=media_locations.device)  # (T,)
+    def media_mask(
+        self, media_locations: Tensor | None, num_media: int, num_latents: int, *, text_time: Tensor | None = None
+    ) -> Tensor:
+        """(B, 1, L, T * n) bool: may text token i attend to latent j of image t?
+
+        ``text_time`` (B, L): the 1-based index of the latest image at or before each token
+        (0: none) — what ``media_locations.cumsum(-1)`` gives for a whole sequence; a cached
+        decoding step passes it for its new tokens, whose images came in earlier steps."""
+        if text_time is None:
+            text_time = media_locations.long().cumsum(dim=-1)  # (B, L): 1-based latest image, 0: none
+        media_time = torch.arange(1, num_media + 1, device=text_time.device)  # (T,)
         media_time = media_time.repeat_interleave(num_latents)  # (T * n,)
         if self.only_attend_immediate_media:
             allowed = text_time[:, :, None] == media_time  # (B, L, T * n)
@@ -51,7 +58,9 @@ class MaskedCrossAttention(nn.Module):
             allowed = text_time[:, :, None] >= media_time  # (B, L, T * n)
         return allowed[:, None]  # (B, 1, L, T * n)
 
-    def forward(self, x: Tensor, media: Tensor, *, media_locations: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, media: Tensor, *, media_locations: Tensor | None = None, text_time: Tensor | None = None
+    ) -> Tensor:
         B, L, _ = x.shape
         _, T, n, _ = media.shape
         H, hd = self.num_heads, self.dim_head
@@ -60,7 +69,10 @@ class MaskedCrossAttention(nn.Module):
         q = q.reshape(B, L, H, hd).transpose(1, 2)  # (B, H, L, hd)
         k = k.reshape(B, T * n, H, hd).transpose(1, 2)  # (B, H, T * n, hd)
         v = v.reshape(B, T * n, H, hd).transpose(1, 2)  # (B, H, T * n, hd)
-        mask = None if media_locations is None else self.media_mask(media_locations, T, n)
+        if media_locations is None and text_time is None:
+            mask = None  # every token sees every image
+        else:
+            mask = self.media_mask(media_locations, T, n, text_time=text_time)
         # softmax(einsum("b h i d, b h j d -> b h i j", q, k) / sqrt(hd) | mask) @ v;
         # rows with no allowed latent (text before the first image) come out as zeros
         out = scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, hd)
@@ -93,7 +105,10 @@ class GatedCrossAttentionDense(nn.Module):
         self.ff = FeedForward(dim, mult=ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: Tensor, media: Tensor, *, media_locations: Tensor | None = None) -> Tensor:
-        x = x + self.attn(x, media, media_locations=media_locations) * self.attn_gate.tanh()
+    def forward(
+        self, x: Tensor, media: Tensor, *, media_locations: Tensor | None = None, text_time: Tensor | None = None
+    ) -> Tensor:
+        attended = self.attn(x, media, media_locations=media_locations, text_time=text_time)
+        x = x + attended * self.attn_gate.tanh()
         x = x + self.ff(x) * self.ff_gate.tanh()  # (B, L, D)
         return x

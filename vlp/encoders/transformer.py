@@ -112,6 +112,7 @@ class ViTEncoder(PreNormTower):
         super().__init__()
         self.dim = self.pooled_dim = dim
         self.image_size, self.patch_size = image_size, patch_size
+        self.num_prefix_tokens = 1  # the CLS token
         self.embed = PatchEmbedding(image_size, patch_size, dim, in_chans)
         self.dropout = nn.Dropout(drop)
         self.transformer = _tower(dim, depth, num_heads, mlp_ratio, norm_eps, drop, drop_path_rate=drop_path_rate)

@@ -431,4 +431,4 @@ class OpenCLIPVisionEncoder(GroupedEncoder):
             pooled = v._global_pool(tokens)[0]  # (B, W)
         if v.proj is not None:
             pooled = pooled @ v.proj  # (B, E)
-        return EncoderOutput(tokens=tokens, pooled=pooled)
+        return EncoderOutput(tokens=tokens, pooled=pooled, hidden=x)  # hidden: before ln_post

@@ -3,6 +3,7 @@
 from vlp.models.albef import ALBEF, ALBEFOutput
 from vlp.models.base import OptimConfig, VLPModule
 from vlp.models.clip import CLIP
+from vlp.models.flamingo import Flamingo, FlamingoOutput
 from vlp.models.flava import FLAVA, FLAVAOutput
 from vlp.models.meter import METER, METEROutput
 from vlp.models.outputs import DualEncoderOutput, VLPOutput
@@ -14,6 +15,8 @@ __all__ = [
     "DualEncoderOutput",
     "FLAVA",
     "FLAVAOutput",
+    "Flamingo",
+    "FlamingoOutput",
     "METER",
     "METEROutput",
     "OptimConfig",

@@ -26,6 +26,8 @@ codebook       ``image_token_ids(batch) → (B, N)``: a frozen image tokenizer's
 text           ``text_features(input_ids, mask, token_types) → (B, D)``: the text tower's
                pooled features of a sentence or a pair (text tasks: GLUE); width
                ``feature_dims()["text"]``
+causal_lm      ``lm_logits(hidden) → (..., V)``: next-token logits of the ``hidden`` states
+               in its output (Flamingo; the causal LM loss)
 ============== ======================================================================
 """
 
@@ -84,6 +86,11 @@ class TextModel(Protocol):
     ) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class CausalLMModel(Protocol):
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
 #: capability → (its protocol, what it means, shown in errors)
 CAPABILITIES: dict[str, tuple[type, str]] = {
     "contrastive": (ContrastiveModel, "normalised image_embeds / text_embeds (ITC features)"),
@@ -94,4 +101,5 @@ CAPABILITIES: dict[str, tuple[type, str]] = {
     "image_types": (ImageTypesModel, "embed_image(image, token_type)"),
     "codebook": (CodebookModel, "a frozen image tokenizer whose codes are MIM targets (image_token_ids)"),
     "text": (TextModel, "text_features(input_ids, mask, token_types): pooled text-tower features"),
+    "causal_lm": (CausalLMModel, "lm_logits(hidden): next-token logits of a causal LM"),
 }

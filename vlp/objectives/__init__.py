@@ -1,6 +1,7 @@
 """Training objectives: each returns ``{"<name>_loss": ..., metrics}`` and owns its head."""
 
 from vlp.objectives.base import Objective
+from vlp.objectives.causal_lm import CausalLM
 from vlp.objectives.codebook_mim import CodebookMIM
 from vlp.objectives.generation import DenoisingLM, GenerativeITM, GenerativeVQA
 from vlp.objectives.itc import ITC
@@ -13,6 +14,7 @@ from vlp.objectives.text_tasks import TextTask
 from vlp.utils.distributed import gather_no_grad, gather_with_grad, world_info
 
 __all__ = [
+    "CausalLM",
     "CodebookMIM",
     "DenoisingLM",
     "GenerativeITM",
