@@ -131,7 +131,7 @@ def test_tokenize_removes_ptb_punctuation():
         "a", "black-and-white", "photo", "3.5", "in", "at", "10:30", "in", "the", "u.s.",
     ]  # fmt: skip
     assert tokenize("cats' toys {x} and/or $5 50%") == ["cats", "toys", "x", "and/or", "$", "5", "50", "%"]
-    assert tokenize(" ... ") == []
+    assert tokenize("'' ' `` ` ( ) { } . ? ! , : - -- ... ;") == []  # the raw forms of PTB_PUNCTUATION
     with pytest.raises(DataError, match="string"):
         tokenize(["a", "list"])
 

@@ -74,14 +74,15 @@ def tokenize(text: str) -> list[str]:
     """Lower-cased PTB-style tokens of ``text`` without the punctuation that coco-caption's
     PTBTokenizer removes (:data:`PTB_PUNCTUATION`).
 
-    A pure-Python stand-in for Stanford's Java PTBTokenizer (``-lowerCase``): clitics are split
-    off (``don't`` -> ``do n't``, ``can't`` -> ``ca n't``, ``dog's`` -> ``dog 's``), hyphenated words, numbers with
-    ``. , :`` and letter abbreviations (``u.s.``) stay whole, and quotes, parentheses,
-    braces and ``. ? ! , : ; -`` are dropped. Other symbols (``$ % & [ ] /`` outside a word)
-    are tokens of their own. It does not reproduce the rest of PTB: its abbreviation list
-    (``mr.`` here loses its period), its character normalisations, or ``[ ]`` written as
-    ``-lsb- -rsb-``. Captions of plain
-    words and punctuation, the usual case, tokenize as with the Java tool.
+    A pure-Python stand-in for Stanford's Java PTBTokenizer (``-lowerCase``): clitics are
+    split off (``don't`` -> ``do n't``, ``can't`` -> ``ca n't``, ``dog's`` -> ``dog 's``);
+    hyphenated words, numbers with ``. , :`` and letter abbreviations (``u.s.``) stay
+    whole; quotes, parentheses, braces and ``. ? ! , : ; -`` are dropped; other symbols
+    (``$ % & [ ] /`` outside a word) are tokens of their own. It does not reproduce the
+    rest of PTB: its abbreviation list (``mr.`` here loses its period), its character
+    normalisations, or ``[ ]`` written as ``-lsb- -rsb-``. On captions of plain words and
+    punctuation, the usual case, it is meant to give the Java tool's tokens; it is written
+    from PTB's rules, not tested against Java.
     """
     if not isinstance(text, str):
         raise DataError(f"tokenize expects a string, got {type(text).__name__}: {text!r}")
