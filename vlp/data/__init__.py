@@ -7,6 +7,7 @@ from vlp.data.interleaved import END_OF_CHUNK, MEDIA_TOKEN, MEDIA_TOKENS, interl
 from vlp.data.manifest import MODALITIES, Manifest, Split, expand_urls, load_manifest
 from vlp.data.masking import Masker, MLMMasker, PatchMasker, block_mask, mask_tokens
 from vlp.data.pipeline import SampleDecoder, Skipped
+from vlp.data.prompts import Prompts, prompt_batch
 from vlp.data.stream import MIXING
 from vlp.data.tokenization import HFTokenizer, OpenCLIPTokenizer, Tokenizer
 from vlp.data.transforms import ImageTransform, MultiViewTransform, ViewSpec, decode_image
@@ -30,6 +31,7 @@ __all__ = [
     "Masker",
     "OpenCLIPTokenizer",
     "PatchMasker",
+    "Prompts",
     "SampleDecoder",
     "Skipped",
     "Source",
@@ -37,6 +39,7 @@ __all__ = [
     "Tokenizer",
     "WebDataModule",
     "block_mask",
+    "prompt_batch",
     "decode_image",
     "expand_urls",
     "load_manifest",

@@ -38,6 +38,7 @@ from vlp.data.manifest import check_local_shards, expand_urls, load_manifest
 from vlp.data.masking import Masker
 from vlp.data.pipeline import SampleDecoder, skipped_count
 from vlp.data.stream import MIXING, ModalityGroup, ShardStream, SourceStream, StreamConfig, StreamLoader, eval_share
+from vlp.data.prompts import PromptCollate, PromptDataset, Prompts, read_prompts
 from vlp.data.tokenization import Tokenizer
 from vlp.data.transforms import ImageTransform, MultiViewTransform, ViewSpec, parse_views
 from vlp.errors import ConfigError, DataError
@@ -131,6 +132,8 @@ class WebDataModule(pl.LightningDataModule):
             batches of an epoch are a function of (seed, epoch, rank, worker) only; the
             training DataLoader saves its place in checkpoints (see
             :class:`~vlp.data.stream.StreamLoader`).
+        prompts: prompts for ``vlp predict`` with a generative model (a folder of images or
+            a file of documents, :class:`~vlp.data.prompts.Prompts`); replaces ``predict``.
     """
 
     def __init__(
@@ -161,6 +164,7 @@ class WebDataModule(pl.LightningDataModule):
         max_bad_shard_fraction: float = 0.05,
         check_shards: bool = True,
         seed: int | None = None,
+        prompts: Prompts | None = None,
     ) -> None:
         super().__init__()
         _check_settings(
@@ -206,6 +210,7 @@ class WebDataModule(pl.LightningDataModule):
         self.max_bad_shard_fraction = max_bad_shard_fraction
         self.check_shards = check_shards
         self.seed = seed
+        self.prompts = prompts
         self.groups: dict[str, list[ModalityGroup]] = {}
         self.pending_error: DataError | None = None  # a training limit passed on this rank (several ranks)
         self.stats: dict[str, dict] = defaultdict(_new_stats)
@@ -382,6 +387,13 @@ class WebDataModule(pl.LightningDataModule):
         return self._stage_loaders("test")
 
     def predict_dataloader(self):
+        if self.prompts is not None:  # prompts for a generative model (vlp.data.prompts)
+            if self.tokenizer is None:
+                raise ConfigError("data.prompts needs data.init_args.tokenizer (the model's)")
+            dataset = PromptDataset(read_prompts(self.prompts), self.image_transform(train=False))
+            return torch.utils.data.DataLoader(
+                dataset, batch_size=self.prompts.batch_size, collate_fn=PromptCollate(self.tokenizer, self.prompts)
+            )
         return self._stage_loaders("predict")
 
     def eval_source_names(self, stage: str) -> list[str]:

@@ -257,6 +257,7 @@ class Flamingo(VLPModule):
     def set_tokenizer(self, tokenizer) -> None:
         """Grow the LM's embedding to ``tokenizer``'s size (its special tokens) and take the ids
         of ``<image>`` / ``<|endofchunk|>``, whose trainable rows start as the LM's rows."""
+        self._tokenizer = tokenizer
         rows = self.lang_model.vocab_size
         added = len(getattr(tokenizer, "special_tokens", None) or ())
         if rows < tokenizer.vocab_size <= rows + added:
@@ -299,8 +300,59 @@ class Flamingo(VLPModule):
         return bool(self.media_token_ids[0] >= 0)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Frozen tensors a checkpoint leaves out (it keeps only what trains) come from the
+        model as the recipe built it; a missing trained tensor is still missing."""
         self._media_rows_set = self._media_rows_set or "media_embeddings" in state_dict
+        if any(k.startswith("perceiver.") for k in state_dict):  # a Flamingo state, maybe without frozen parts
+            keep = self.trainable_keys()
+            state_dict = {**{k: v for k, v in self.state_dict().items() if k not in keep}, **state_dict}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # -- prediction: vlp predict with data.prompts -----------------------------------------
+    def predict_step(self, batch: dict, batch_idx: int = 0) -> list[dict]:
+        """Generate the continuation of every prompt of a ``vlp.data.prompts`` batch."""
+        records = list(batch.get("errors", []))
+        if batch.get("keys"):
+            settings = batch.get("generation", {})
+            tokens = self.generate(
+                batch["text_ids"],
+                batch["text_mask"],
+                batch["images"],
+                batch["images_mask"],
+                max_new_tokens=int(settings.get("max_new_tokens", 20)),
+                num_beams=int(settings.get("num_beams", 1)),
+                length_penalty=float(settings.get("length_penalty", 1.0)),
+            )
+            texts = self.decode(tokens)
+            records += [{"key": k, "prompt": p, "text": t} for k, p, t in zip(batch["keys"], batch["prompts"], texts)]
+        self._predictions.extend(records)
+        return records
+
+    def decode(self, tokens: list[list[int]]) -> list[str]:
+        """Token lists → stripped strings (the data's tokenizer, set by ``check_data``)."""
+        if self._tokenizer is None:
+            raise ConfigError("Flamingo.decode needs the data's tokenizer (set_tokenizer)")
+        return [self._tokenizer.decode(torch.tensor([x], dtype=torch.long))[0].strip() for x in tokens]
+
+    def on_predict_epoch_start(self) -> None:
+        self._predictions = []
+
+    def on_predict_epoch_end(self) -> None:
+        """Write every rank's generations to ``data.prompts.out`` (rank zero)."""
+        from vlp.data.prompts import write_predictions
+        from vlp.utils.distributed import gather_objects
+
+        dm = self._datamodule()
+        spec = getattr(dm, "prompts", None)
+        if spec is None:
+            return
+        records = [r for part in gather_objects(self._predictions) for r in part]
+        if self.trainer.is_global_zero:
+            path = write_predictions(spec.out, records)
+            self.report(f"{len(records)} generations: {path}")
+
+    _predictions: list = []
+    _tokenizer = None
 
     # -- the forward pass ------------------------------------------------------------------
     @torch.no_grad()
@@ -455,7 +507,7 @@ class Flamingo(VLPModule):
     # -- checkpoints: only what trains -----------------------------------------------------
     def trainable_keys(self) -> set[str]:
         """State-dict keys of the parameters that train (what a checkpoint keeps)."""
-        return {n for n, p in self.named_parameters() if p.requires_grad}
+        return {n for n, p in self.named_parameters(remove_duplicate=False) if p.requires_grad}  # tied names too
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.trainable_keys()
@@ -579,12 +631,13 @@ def _load_part(module: nn.Module, path: str, prefix: str, where: str, *, unwrap:
         raise CheckpointError(
             f"model.{where}: {path} has no tensor under {prefix!r} (e.g. {list(state)[:3]}); set the prefix"
         )
-    own = module.state_dict()
-    missing = sorted(set(own) - set(part))
+    own = module.state_dict(keep_vars=True)
+    loaded = {own[k].data_ptr() for k in part if k in own}
+    missing = sorted(k for k in set(own) - set(part) if own[k].data_ptr() not in loaded)  # tied names: fine
     unexpected = sorted(set(part) - set(own))
     if missing or unexpected:
         raise CheckpointError(
             f"model.{where}: {path} under {prefix!r} does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    module.load_state_dict(part)
+    module.load_state_dict(part, strict=False)
     log.info("model.%s: %d tensors from %s", where, len(part), path)
