@@ -251,7 +251,10 @@ def test_documents_cut_before_their_first_image_leave_the_batch_as_skips():
     assert b["lm_labels"].tolist() == [[I, 7, 8, 4, I]] and b["num_images"].tolist() == [1]
     assert b["images"].shape == (1, 1, 3, 2, 2) and b["images"][0, 0].eq(2).all()
     assert [s.key for s in b["skipped"]] == ["before", "late", "edge"]
-    assert b["skipped"][1].reason == "no trainable token (every lm_label is -100 after truncation to 5 tokens)"
+    assert (
+        b["skipped"][1].reason
+        == "no trainable token (every lm_label is -100: nothing after its first <image> within 5 tokens)"
+    )
 
 
 def test_an_emptied_batch_is_not_emitted_and_its_skips_ride_with_the_next():

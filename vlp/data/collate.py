@@ -141,7 +141,8 @@ def _drop_untrainable(batch: dict) -> list[Skipped]:
     keys, n = batch["keys"], len(batch["keys"])
     dropped = [
         Skipped(
-            k, f"no trainable token (every lm_label is -100 after truncation to {batch['text_ids'].shape[1]} tokens)"
+            k,
+            f"no trainable token (every lm_label is -100: nothing after its first <image> within {batch['text_ids'].shape[1]} tokens)",
         )
         for k, ok in zip(keys, keep.tolist(), strict=True)
         if not ok
