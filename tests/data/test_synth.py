@@ -99,12 +99,12 @@ def test_every_modality_and_split_with_the_counts_the_manifests_claim(shapes, sa
                     assert files == FILES[modality], (modality, split, files)
     counts = {m: {k: v["num_samples"] for k, v in s.items()} for m, s in info["splits"].items()}
     assert counts == {
-        "pair": {"train": SIZE},
+        "pair": {"train": SIZE, "support": 256},  # support: few-shot demonstrations
         "text": {"train": SIZE},
         "interleaved": {"train": SIZE // 10},
         "retrieval": {"val": 200, "test": 500},
-        "image": {"train": SIZE // 4, "test": 480},
-        "vqa": {"train": SIZE // 2, "val": 200, "test": 500},
+        "image": {"train": SIZE // 4, "test": 480, "support": 24 * 8},
+        "vqa": {"train": SIZE // 2, "val": 200, "test": 500, "support": 256},
         "nlvr2": {"train": SIZE // 2, "val": 200, "test": 500},  # multiples of 10: balanced
         "ve": {"train": 999, "val": 198, "test": 498},  # multiples of 3
         "pair_cls": {"train": SIZE // 2, "val": 200, "test": 500},  # even: balanced
@@ -227,6 +227,7 @@ def test_no_evaluation_scene_or_relation_is_seen_in_training(samples):
     assert len(val) == 200 and len(test) == 500 and not val & test
     train = relations(samples["pair"]["train"]) | relations(samples["vqa"]["train"])
     train |= relations(samples["interleaved"]["train"], "scenes")
+    train |= relations(samples["pair"]["support"]) | relations(samples["vqa"]["support"])  # few-shot demonstrations
     assert len(train) > 500 and not train & (val | test)
 
 
@@ -288,6 +289,39 @@ def test_image_split_and_classes(samples, shapes):
         label, shape = int(x["cls"]), Scene.from_dict(x["json"]["scene"]).shapes[0]
         assert CLASSES[label] == x["json"]["label_name"] == f"{shape.color} {shape.kind}"
     assert set(Counter(int(x["cls"]) for x in samples["image"]["test"]).values()) == {480 // len(CLASSES)}
+
+
+def test_few_shot_support_splits_are_small_training_draws_of_their_own(samples):
+    """Captioning, VQA and classification demonstrations: the training distribution (no
+    held-out relation, checked in test_no_evaluation_scene_or_relation_is_seen_in_training),
+    other scenes than the training split's, classes balanced."""
+    for modality in ("pair", "vqa", "image"):
+        support, train = samples[modality]["support"], samples[modality]["train"]
+        assert len(support) < len(train) // 2
+        scenes = {json.dumps(x["json"]["scene"], sort_keys=True) for x in train}
+        fresh = [json.dumps(x["json"]["scene"], sort_keys=True) not in scenes for x in support]
+        assert sum(fresh) > 0.9 * len(support), modality  # a few 1-shape scenes recur by chance
+    ids = [x["json"]["image_id"] for m in ("pair", "vqa", "image") for x in samples[m]["support"]]
+    assert len(set(ids)) == len(ids)  # and above every other split's (the next test)
+    assert all(x["txt"] == x["txt"].strip() and x["txt"] for x in samples["pair"]["support"])  # one caption each
+    assert set(Counter(int(x["cls"]) for x in samples["image"]["support"]).values()) == {8}
+
+
+def test_support_splits_come_after_every_other_split(samples):
+    """Written last, from generators of their own: the other splits keep the ids (and, each
+    split drawing from its own seed, the bytes) they had before support splits existed."""
+    support = [x["json"]["image_id"] for m in ("pair", "vqa", "image") for x in samples[m]["support"]]
+    others = [
+        i
+        for m, splits in samples.items()
+        for split, xs in splits.items()
+        if split != "support"
+        for x in xs
+        for i in (
+            [x["json"]["image_id"]] if "image_id" in x.get("json", {}) else x.get("json", {}).get("image_ids", [])
+        )
+    ]
+    assert max(others) < min(support)
 
 
 def test_manifests_for_the_repo(shapes, monkeypatch):

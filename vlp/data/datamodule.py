@@ -33,9 +33,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from vlp.data.collate import IMAGE_KEYS, Collator
+from vlp.data.collate import IMAGE_KEYS, PAIR_FORMATS, Collator
 from vlp.data.manifest import check_local_shards, expand_urls, load_manifest
 from vlp.data.masking import Masker
+from vlp.data.mmc4 import MMC4Options
 from vlp.data.pipeline import SampleDecoder, skipped_count
 from vlp.data.stream import MIXING, ModalityGroup, ShardStream, SourceStream, StreamConfig, StreamLoader, eval_share
 from vlp.data.prompts import PromptCollate, PromptDataset, Prompts, read_prompts
@@ -68,6 +69,12 @@ class Source:
         evaluation: options of this evaluation source's evaluator, e.g. for an image split
             ``{classes: path/to/classes.json, templates: simple_imagenet_templates}``, or
             ``{probe_train: true}``: the linear probe's training split (docs/evaluation.md).
+        mmc4: options of MMC4-layout interleaved documents, ``{sim_threshold: 0.24,
+            max_num_images: 6, min_num_images: 1}`` (over the manifest's ``extra.mmc4``;
+            see ``vlp.data.mmc4``).
+        pair_format: ``caption`` (default) or ``interleaved``: a pair source's batches as
+            one-image documents ``<image>caption<|endofchunk|>`` with the interleaved keys
+            (``images`` ... ``lm_labels``), ``modality`` still ``pair``.
 
     Sources of one modality form one group (one batch stream): the group settings above
     given on several of its sources must agree.
@@ -82,10 +89,12 @@ class Source:
     mix_weight: float | None = None
     views: dict[str, dict] | None = None
     evaluation: dict | None = None
+    mmc4: dict | None = None
+    pair_format: str | None = None
 
 
 #: Source settings that belong to its modality group (None: the module's default).
-GROUP_SETTINGS = ("batch_size", "maskers", "mix_weight", "views")
+GROUP_SETTINGS = ("batch_size", "maskers", "mix_weight", "views", "pair_format")
 
 
 class WebDataModule(pl.LightningDataModule):
@@ -239,10 +248,15 @@ class WebDataModule(pl.LightningDataModule):
             name = f"{manifest.name}/{src.split}"
             if self.check_shards:
                 check_local_shards(urls, f"{where} ({name})")
-            decoder = SampleDecoder(modality, manifest.fields, None)  # its group's transform: below
+            if src.mmc4 is not None and modality != "interleaved":
+                raise ConfigError(f"{where}.mmc4 ({name}) applies to interleaved sources; this one is {modality}")
+            mmc4 = MMC4Options.parse(manifest.extra.get("mmc4"), src.mmc4, where=f"{where}.mmc4 ({name})")
+            decoder = SampleDecoder(modality, manifest.fields, None, mmc4=mmc4)  # its group's transform: below
             sizes, exact = expected_shard_sizes(split, urls)
             stream = SourceStream(name, urls, src.weight, decoder, shard_sizes=sizes, exact_sizes=exact)
             key = modality if train else f"{modality}#{i}"  # evaluation: one loader per source
+            if src.pair_format is not None and modality != "pair":
+                raise ConfigError(f"{where}.pair_format ({name}) applies to pair sources; this one is {modality}")
             settings = _group_settings(src, where, name, settings_of.get(key))
             settings_of[key] = settings
             if key not in groups:
@@ -252,20 +266,22 @@ class WebDataModule(pl.LightningDataModule):
         for key, group in groups.items():
             given = {k: v for k, (v, _) in settings_of[key].items()}
             maskers = self.maskers if given["maskers"] is None else given["maskers"]
-            group.collate = Collator(group.modality, self.tokenizer, maskers)
+            pair_format = given["pair_format"] or "caption"
+            group.collate = Collator(group.modality, self.tokenizer, maskers, pair_format=pair_format)
             group.batch_size = given["batch_size"]
             group.weight = 1.0 if given["mix_weight"] is None else given["mix_weight"]
             views = given["views"]
+            documents = group.modality == "interleaved" or pair_format == "interleaved"
             if views is None:  # the module's views: for every group of single images
-                views = {} if group.modality in ("interleaved", "text", "text_pair") else self.views
-            self._register_views(views, group, settings_of[key]["views"][1] or "data.init_args.views")
+                views = {} if documents or group.modality in ("text", "text_pair") else self.views
+            self._register_views(views, group, settings_of[key]["views"][1] or "data.init_args.views", documents)
             transform = self.image_transform(train, views)
             for stream in group.sources:
                 stream.decoder.transform = transform
         return list(groups.values())
 
-    def _register_views(self, views: dict, group: ModalityGroup, where: str) -> None:
-        if views and group.modality == "interleaved":
+    def _register_views(self, views: dict, group: ModalityGroup, where: str, documents: bool = False) -> None:
+        if views and documents:
             raise ConfigError(f"{where}.views: extra image views are not supported for interleaved documents")
         for name, spec in views.items():
             seen = self._view_specs.setdefault(name, (spec, where))
@@ -664,7 +680,7 @@ def expected_shard_sizes(split, urls: list[str]) -> tuple[dict[str, int], bool]:
 def _group_settings(src: Source, where: str, name: str, before: dict | None) -> dict:
     """The group settings ``src`` gives (None = not given), checked, merged with those other
     sources of its group gave (``before``: setting → (value, where)); a conflict is a ConfigError."""
-    bs, weight, maskers = src.batch_size, src.mix_weight, src.maskers
+    bs, weight, maskers, pair_format = src.batch_size, src.mix_weight, src.maskers, src.pair_format
     views = None if src.views is None else parse_views(src.views, f"{where}.views")
     if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
         raise ConfigError(f"{where}.batch_size ({name}) must be an integer >= 1 or null, got {bs!r}")
@@ -672,15 +688,18 @@ def _group_settings(src: Source, where: str, name: str, before: dict | None) -> 
         raise ConfigError(f"{where}.mix_weight ({name}) must be a number > 0 or null, got {weight!r}")
     if maskers is not None and (not isinstance(maskers, list | tuple) or not all(callable(m) for m in maskers)):
         raise ConfigError(f"{where}.maskers ({name}) must be a list of maskers (class_path: ...), got {maskers!r}")
+    if pair_format is not None and pair_format not in PAIR_FORMATS:
+        raise ConfigError(f"{where}.pair_format ({name}) must be one of {', '.join(PAIR_FORMATS)}, got {pair_format!r}")
     merged = dict(before or dict.fromkeys(GROUP_SETTINGS, (None, None)))
-    for key, value in (("batch_size", bs), ("maskers", maskers), ("mix_weight", weight), ("views", views)):
+    given = {"batch_size": bs, "maskers": maskers, "mix_weight": weight, "views": views, "pair_format": pair_format}
+    for key, value in given.items():
         if value is None:
             continue
         old, old_where = merged[key]
         if old is not None and _comparable(old) != _comparable(value):
             raise ConfigError(
                 f"{where}.{key} ({name}) is {value!r} but {old_where}.{key} is {old!r}: sources of one "
-                "modality share one batch stream, so its batch_size, maskers, mix_weight and views must agree"
+                "modality share one batch stream, so its batch_size, maskers, mix_weight, views and pair_format must agree"
             )
         merged[key] = (list(value) if key == "maskers" else value, f"{where}")
     return merged

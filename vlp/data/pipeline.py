@@ -10,6 +10,8 @@ cannot be read counts as the samples it should have held.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import re
@@ -21,6 +23,7 @@ import torch
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
+from vlp.data.mmc4 import MMC4Error, MMC4Options, check_document, document_text, plan_document
 from vlp.data.transforms import ImageDecodeError, decode_image, split_views
 
 IMAGE_MARK = "<image>"
@@ -150,10 +153,19 @@ class SampleDecoder:
         modality: pair | image | text | vqa | retrieval | interleaved | nlvr2 | ve | text_pair.
         fields: role → ";"-separated tar extensions (manifest ``fields``).
         transform: PIL image → tensor.
+        mmc4: options of interleaved documents in MMC4's layout (``text_list``,
+            ``image_info``, ``similarity_matrix``), see :class:`~vlp.data.mmc4.MMC4Options`.
     """
 
-    def __init__(self, modality: str, fields: dict[str, str], transform: Callable | None) -> None:
+    def __init__(
+        self,
+        modality: str,
+        fields: dict[str, str],
+        transform: Callable | None,
+        mmc4: MMC4Options | Mapping | None = None,
+    ) -> None:
         self.modality = modality
+        self.mmc4 = mmc4 if isinstance(mmc4, MMC4Options) else MMC4Options.parse(mmc4)
         self.image_exts = fields["image"].split(";")
         self.text_ext, self.json_ext, self.label_ext = fields["text"], fields["json"], fields["label"]
         self.transform = transform
@@ -284,6 +296,8 @@ class SampleDecoder:
 
     def _interleaved(self, sample: dict, key: str) -> dict:
         meta = self._json(sample, required=True)
+        if "text_list" in meta:
+            return self._mmc4_document(sample, meta, key)
         text = _clean(str(meta.get("text", "")))
         n = text.count(IMAGE_MARK)
         if n == 0:
@@ -295,6 +309,51 @@ class SampleDecoder:
             raise _Skip(f"{n} {IMAGE_MARK} mark(s) but {found} image(s) in the interleaved document")
         images = [self._image(sample, [f"{i}.{ext}" for ext in self.image_exts]) for i in range(n)]
         return {"text": text, "images": images, "key": key}
+
+    def _mmc4_bytes(self, sample: dict, j: int, info: Mapping) -> bytes | None:
+        """Image ``j`` of an MMC4 document: base64 in the json (OpenFlamingo's shards), else the
+        member ``<j>.<ext>``, else the member named by its ``image_name``; None when absent."""
+        if "image_base64" in info:
+            try:
+                return base64.b64decode(str(info["image_base64"]), validate=True)
+            except (binascii.Error, ValueError):
+                return b""  # not base64: decoding it fails as a corrupt image
+        for ext in self.image_exts:
+            if f"{j}.{ext}" in sample:
+                return sample[f"{j}.{ext}"]
+        name = str(info.get("image_name", "")).lower()
+        return sample.get(name) if name else None
+
+    def _mmc4_document(self, sample: dict, meta: dict, key: str) -> dict:
+        """An MMC4 json → the interleaved example (vlp.data.mmc4); every dropped image is a
+        skip record under ``example["dropped"]``, a dropped document a skip."""
+        opts = self.mmc4
+        try:
+            sentences, infos, sim = check_document(meta)
+        except MMC4Error as e:
+            raise _Skip(str(e)) from None
+        data = [self._mmc4_bytes(sample, j, info) for j, info in enumerate(infos)]
+        plan = plan_document(sim, [d is not None for d in data], opts)
+        images, marked = [], []
+        for j, s in zip(plan.images, plan.sentences, strict=True):
+            try:
+                images.append(self.transform(decode_image(data[j])))
+                marked.append(s)
+            except ImageDecodeError:
+                plan.dropped["corrupt image"] += 1
+        dropped = ", ".join(f"{n} {why}" for why, n in sorted(plan.dropped.items()))
+        if len(images) < opts.min_num_images:
+            raise _Skip(
+                f"mmc4 document with too few images ({len(images)} kept of {len(infos)}, min_num_images="
+                f"{opts.min_num_images}; dropped: {dropped or 'none'})"
+            )
+        example = {"text": document_text(sentences, marked), "images": images, "key": key}
+        if plan.dropped:  # counted like retrieval's dropped captions: one per image
+            example["dropped"] = [
+                Skipped(key, f"mmc4 image {why} ({n} of {len(infos)} in the document)", count=n)
+                for why, n in sorted(plan.dropped.items())
+            ]
+        return example
 
     def _nlvr2(self, sample: dict, key: str) -> dict:
         meta = self._json(sample, required=True)

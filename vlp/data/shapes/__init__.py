@@ -15,7 +15,10 @@ max(200, N//40), /test max(500, N//20), rounded down to a multiple of 10 (nlvr2:
 templates x 2 labels; train at least 10) or 3 (ve: 3 labels) so that labels are
 exactly balanced; pair_cls (a binary image-sentence task, Hateful Memes-style: 1 when the
 sentence is false of the image, VE's contradictions, 0 for its entailments) /train N//2,
-/val max(200, N//40), /test max(500, N//20), even; plus
+/val max(200, N//40), /test max(500, N//20), even; few-shot support sets (demonstrations
+drawn like training samples, written last so that they change no other split):
+pair/support and vqa/support max(256, N//40), image/support 24*max(8, N//1000) (balanced);
+plus
 ``info.json`` (counts, chance levels, vocabulary, templates), ``classes.json`` (class
 names, zero-shot prompts) and ``manifests/shapes_<modality>.yaml``.
 

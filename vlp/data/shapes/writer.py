@@ -213,6 +213,11 @@ def write_shapes(
         ("text_pair", "train", multiple(size // 2, 2), text_pair),
         ("text_pair", "val", multiple(max(200, size // 40), 2), text_pair),
         ("text_pair", "test", multiple(max(500, size // 20), 2), text_pair),
+        # few-shot support sets (demonstrations), last so that every split above keeps its
+        # ids; training-distribution scenes of their own draw, small enough to read whole
+        ("pair", "support", max(256, size // 40), pair),  # captioning, one caption per image
+        ("vqa", "support", max(256, size // 40), vqa),
+        ("image", "support", len(CLASSES) * max(8, size // 1000), classified),  # balanced per class
     ]
     splits: dict[str, dict[str, dict]] = {}
     for modality, split, n, make in plan:
