@@ -38,8 +38,8 @@ from vlp.data.manifest import check_local_shards, expand_urls, load_manifest
 from vlp.data.masking import Masker
 from vlp.data.mmc4 import MMC4Options
 from vlp.data.pipeline import SampleDecoder, skipped_count
-from vlp.data.stream import MIXING, ModalityGroup, ShardStream, SourceStream, StreamConfig, StreamLoader, eval_share
 from vlp.data.prompts import PromptCollate, PromptDataset, Prompts, read_prompts
+from vlp.data.stream import MIXING, ModalityGroup, ShardStream, SourceStream, StreamConfig, StreamLoader, eval_share
 from vlp.data.tokenization import Tokenizer
 from vlp.data.transforms import ImageTransform, MultiViewTransform, ViewSpec, parse_views
 from vlp.errors import ConfigError, DataError
