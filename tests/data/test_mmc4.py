@@ -189,13 +189,13 @@ def test_missing_and_corrupt_images_are_dropped_with_their_reason():
     del sample["json"]["image_info"][0]["image_base64"]  # missing: image 1 alone is left
     sample["json"]["image_info"][1]["image_base64"] = base64.b64encode(b"not a jpeg").decode()
     skip = _decoder()(_raw(sample))
-    assert isinstance(skip, Skipped) and "dropped: 1 below sim_threshold, 1 corrupt image, 1 missing" in skip.reason
+    assert isinstance(skip, Skipped) and "dropped: 1 below sim_threshold, 1 corrupt, 1 missing" in skip.reason
     sample = _doc("d1")
     sample["json"]["image_info"][1]["image_base64"] = "%%%"
     ex = _decoder()(_raw(sample))
     assert ex["text"].count("<image>") == 1 and sorted(d.reason.split(" (")[0] for d in ex["dropped"]) == [
         "mmc4 image below sim_threshold",
-        "mmc4 image corrupt image",
+        "mmc4 image corrupt",
     ]
 
 
