@@ -189,13 +189,13 @@ def test_missing_and_corrupt_images_are_dropped_with_their_reason():
     del sample["json"]["image_info"][0]["image_base64"]  # missing: image 1 alone is left
     sample["json"]["image_info"][1]["image_base64"] = base64.b64encode(b"not a jpeg").decode()
     skip = _decoder()(_raw(sample))
-    assert isinstance(skip, Skipped) and "dropped: 1 below sim_threshold, 1 corrupt image, 1 missing" in skip.reason
+    assert isinstance(skip, Skipped) and "dropped: 1 below sim_threshold, 1 corrupt, 1 missing" in skip.reason
     sample = _doc("d1")
     sample["json"]["image_info"][1]["image_base64"] = "%%%"
     ex = _decoder()(_raw(sample))
     assert ex["text"].count("<image>") == 1 and sorted(d.reason.split(" (")[0] for d in ex["dropped"]) == [
         "mmc4 image below sim_threshold",
-        "mmc4 image corrupt image",
+        "mmc4 image corrupt",
     ]
 
 
@@ -270,6 +270,25 @@ def test_an_emptied_batch_is_not_emitted_and_its_skips_ride_with_the_next():
     assert empty["keys"] == [] and empty["text_ids"].shape[0] == 0 and len(empty["skipped"]) == 1
     with pytest.raises(DataError, match=r"(?s)all 2 samples of this stream were skipped.*l1: no trainable token"):
         list(batches(iter([{**late, "key": "l0"}, {**late, "key": "l1"}]), 1, Collator("interleaved", tok)))
+
+
+def test_untrainable_documents_are_counted_by_the_datamodule(tmp_path):
+    long = {"text": "words " * 40 + "<image> a red circle"}
+    samples = [{"__key__": "late", "json": long, "0.jpg": jpeg_bytes()}]
+    samples.append({"__key__": "ok", "json": {"text": "<image> a red circle"}, "0.jpg": jpeg_bytes()})
+    url = write_tar(tmp_path / "docs.tar", samples)
+    Manifest(name="docs", modality="interleaved", splits={"train": Split(urls=url, num_samples=2)}).save(
+        tmp_path / "docs.yaml"
+    )
+    tok = HFTokenizer(MINILM, max_length=16, special_tokens=["<image>", "<|endofchunk|>"])
+    dm = WebDataModule(
+        test=[Source(str(tmp_path / "docs.yaml"))], tokenizer=tok, image_size=16, batch_size=4, num_workers=0
+    )
+    dm.setup("test")
+    batch = dm.on_before_batch_transfer(next(iter(dm.test_dataloader())), 0)
+    assert batch["keys"][0].endswith(":ok") and len(batch["keys"]) == 1 and batch["num_skipped"] == 1
+    assert batch["images"].shape == (1, 1, 3, 16, 16) and (batch["lm_labels"] != I).any()
+    assert dm.skip_report("train")["reasons"] == {"no trainable token": 1}  # no trainer: counted as train
 
 
 # -- pairs as documents -------------------------------------------------------------------

@@ -114,13 +114,12 @@ class Collator:
         if documents:  # images, images_mask, media_mask, lm_labels (vlp.data.interleaved)
             if self.tokenizer is None:
                 raise ValueError(f"a tokenizer is needed to collate {m} batches as interleaved documents")
-            if m == "pair":
-                texts, images = [f"{MEDIA_TOKEN}{e['text']}" for e in examples], [[e["image"]] for e in examples]
+            if m == "pair":  # one-image documents; the stacked image becomes images[:, 0]
+                texts, images = [f"{MEDIA_TOKEN}{e['text']}" for e in examples], [[im] for im in batch.pop("image")]
             else:
                 texts, images = [e["text"] for e in examples], [e["images"] for e in examples]
                 skipped += [d for e in examples for d in e.get("dropped", ())]
             batch.update(interleaved_batch(texts, images, batch["keys"], self.tokenizer))
-            batch.pop("image", None)  # a pair's image is images[:, 0]
             skipped += _drop_untrainable(batch)
             if not batch["keys"]:  # nothing left to learn from: batches() passes the skips on
                 batch["skipped"] = skipped
@@ -133,20 +132,14 @@ class Collator:
 
 def _drop_untrainable(batch: dict) -> list[Skipped]:
     """Remove, in place, the documents whose ``lm_labels`` are all -100 (their text was cut
-    before anything after their first image): a loss over no token is NaN. Returns one skip
-    record per removed document."""
+    before anything after their first image): a loss over no token is NaN. Every per-example
+    tensor and ``keys`` lose their rows; returns one skip record per removed document."""
     keep = (batch["lm_labels"] != IGNORE).any(dim=1)  # (B,)
     if bool(keep.all()):
         return []
     keys, n = batch["keys"], len(batch["keys"])
-    dropped = [
-        Skipped(
-            k,
-            f"no trainable token (every lm_label is -100: nothing after its first <image> within {batch['text_ids'].shape[1]} tokens)",
-        )
-        for k, ok in zip(keys, keep.tolist(), strict=True)
-        if not ok
-    ]
+    why = f"every lm_label is -100: nothing after its first {MEDIA_TOKEN} within {batch['text_ids'].shape[1]} tokens"
+    dropped = [Skipped(k, f"no trainable token ({why})") for k, ok in zip(keys, keep.tolist(), strict=True) if not ok]
     for key, value in list(batch.items()):
         if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n:
             batch[key] = value[keep]

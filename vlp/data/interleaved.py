@@ -15,7 +15,10 @@ single special tokens and adds what the model and its LM loss need:
 | ``lm_labels`` | (B, L) | next-token targets, already shifted: the loss at position t is ``CE(logits[:, t], lm_labels[:, t])``; -100 at padding, at media tokens, at text before the first image and at the last position |
 
 A text cut by the tokenizer's ``max_length`` keeps the images whose media token survived
-(the others are dropped with their token, as the text after the cut is).
+(the others are dropped with their token, as the text after the cut is). A document left
+with no target at all (every ``lm_labels`` entry -100) is removed from the batch by
+:class:`~vlp.data.collate.Collator` and counted as a skip ("no trainable token"). MMC4's own
+json layout becomes such a document in :mod:`vlp.data.mmc4`.
 """
 
 from __future__ import annotations

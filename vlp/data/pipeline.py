@@ -340,7 +340,7 @@ class SampleDecoder:
                 images.append(self.transform(decode_image(data[j])))
                 marked.append(s)
             except ImageDecodeError:
-                plan.dropped["corrupt image"] += 1
+                plan.dropped["corrupt"] += 1  # its sentence goes without an image
         dropped = ", ".join(f"{n} {why}" for why, n in sorted(plan.dropped.items()))
         if len(images) < opts.min_num_images:
             raise _Skip(
