@@ -20,6 +20,8 @@ ABLATIONS = sorted((REPO / "recipes" / "ablations").glob("*.yaml"))
 
 
 def _base_of(ablation: Path) -> Path:
+    if ablation.name.startswith("flamingo"):
+        return REPO / "recipes" / ("tiny/flamingo.yaml" if "_tiny_" in ablation.name else "flamingo_3b.yaml")
     if ablation.name.startswith("flava"):
         if ablation.name.endswith("_vqa.yaml"):
             return REPO / "recipes/finetune/tiny_flava_vqa.yaml"
@@ -96,6 +98,14 @@ def test_ablation_stacks_on_its_base(ablation, capsys):
         assert modalities == {"pair"}
         sources = printed["data"]["init_args"]["train"]
         assert {Path(s["manifest"]).stem for s in sources} & {"shapes_image", "shapes_text", "imagenet1k"} == set()
+    elif ablation.name.startswith("flamingo"):
+        assert names == ["CausalLM", "CausalLM"]
+        every = model.get("cross_attn_every_n_layers")
+        assert every == (int(ablation.stem[-1]) if "xattn_every" in ablation.name else 1)
+        assert (model.get("projection") == "linear") == ablation.name.endswith("_linear.yaml")
+        assert bool(model.get("freeze_gates")) == ablation.name.endswith("_frozen_gates.yaml")
+        accumulate = printed["trainer"]["accumulate_grad_batches"]
+        assert (accumulate == 2) == (ablation.name.endswith("_accumulate.yaml") or "_3b_xattn" in ablation.name)
     elif not ablation.name.startswith("flava"):
         assert ("MomentumITC" in names) == ("_itc_" in ablation.name)
 
@@ -236,3 +246,76 @@ def test_tiny_flava_recipes_build_and_train_each_modality(ablation, tmp_path, mo
         assert all(p.grad is not None for m in trained for p in m.parameters())
     if ablation is None:
         assert model.objectives["mim"].head.bias.numel() == 32  # sized from the tokenizer file
+
+
+def _interleaved_batch() -> dict:
+    """2 documents of 2 images at the tiny Flamingo's sizes (64 px, MiniLM ids + 2 specials)."""
+    from vlp.data.interleaved import lm_labels
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (2, 12), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    ids[:, [1, 6]] = 30522  # <image>
+    ids[:, [5, 10]] = 30523  # <|endofchunk|>
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    media = ids == 30522
+    return {
+        "modality": "interleaved",
+        "images": torch.randn(2, 2, 3, 64, 64, generator=g),
+        "images_mask": torch.ones(2, 2, dtype=torch.bool),
+        "num_images": torch.tensor([2, 2]),
+        "text_ids": ids,
+        "text_mask": mask,
+        "media_mask": media,
+        "lm_labels": lm_labels(ids, mask, media),
+    }
+
+
+@pytest.mark.parametrize("ablation", [None, *[a for a in ABLATIONS if a.name.startswith("flamingo_tiny_")]])
+def test_tiny_flamingo_recipes_build_and_train_a_step(ablation):
+    """The tiny Flamingo recipes build (their frozen towers' weight files left out: random
+    towers) and a pair and an interleaved batch train exactly the bridge."""
+    from tests.helpers import MINILM
+    from vlp.data import HFTokenizer
+
+    config = yaml.safe_load((REPO / "recipes/tiny/flamingo.yaml").read_text())["model"]
+    config["init_args"].update(vision_weights=None, lm_weights=None)
+    if ablation is not None:
+        config["init_args"].update(yaml.safe_load(ablation.read_text())["model"]["init_args"])
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(VLPModule, "model")
+    model = parser.instantiate(parser.parse_object({"model": config})).model
+    model.set_tokenizer(HFTokenizer(MINILM, special_tokens=["<image>", "<|endofchunk|>"]))
+    assert model.media_token_ids.tolist() == [30522, 30523]
+    model.train()
+    doc = _interleaved_batch()
+    pair = {**{k: v[:, :1] if k in ("images", "images_mask") else v for k, v in doc.items()}, "modality": "pair"}
+    pair["media_mask"] = pair["media_mask"] & (pair["media_mask"].cumsum(1) == 1)
+    for batch in (pair, doc):
+        model.zero_grad()
+        loss = model.training_step(batch, 0)
+        assert torch.isfinite(loss)
+        loss.backward()
+    frozen_gates = ablation is not None and ablation.name.endswith("_frozen_gates.yaml")
+    for name, p in model.named_parameters():
+        bridge = name.startswith(("perceiver.", "media_")) or ".gated_cross_attn_layer." in name
+        assert p.requires_grad == (bridge and not (frozen_gates and name.endswith("_gate"))), name
+        if p.requires_grad:
+            assert p.grad is not None, name
+
+
+def test_the_fsdp_recipe_wraps_every_flamingo_layer():
+    from typing import Union
+
+    from lightning.pytorch.strategies import Strategy
+
+    from vlp.models.flamingo import FlamingoLayer
+
+    strategy = yaml.safe_load((REPO / "recipes/flamingo_9b.yaml").read_text())["trainer"]["strategy"]
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Union[str, Strategy])  # noqa: UP007 (jsonargparse's typing)
+    built = parser.instantiate(parser.parse_object({"strategy": strategy})).strategy
+    assert type(built).__name__ == "FSDPStrategy"
+    policy = built.kwargs["auto_wrap_policy"]
+    assert FlamingoLayer in policy._module_classes
+    assert built.kwargs["use_orig_params"] is True  # units hold frozen and trained tensors
