@@ -13,7 +13,8 @@ References: ``nn.MultiheadAttention`` (attention), timm's ViT ``Block`` (transfo
 block), open_clip's ``ClipLoss`` (ITC), a plain webdataset pipeline doing the same
 decoding, transforms and tokenisation (data), ITM re-ranking by the whole fusion per pair
 (rerank: ``bench/rerank.py``, vlp = ``rerank_with_cache``; its MiB columns are peak RSS
-growth on CPU), transformers' ``FlavaForPreTraining`` (flava: ``bench/flava.py``).
+growth on CPU), transformers' ``FlavaForPreTraining`` (flava: ``bench/flava.py``), OpenFlamingo re-implemented
+(flamingo: ``bench/flamingo.py``).
 """
 
 from __future__ import annotations
@@ -407,6 +408,14 @@ def bench_flava(args, device, dtype) -> Table:
     return run(args, device, dtype, Table, timeit)
 
 
+def bench_flamingo(args, device, dtype) -> Table:
+    """Flamingo-lite against OpenFlamingo (re-implemented), training step and generation (bench/flamingo.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from flamingo import bench_flamingo as run
+
+    return run(args, device, dtype, Table, timeit)
+
+
 def gemm_gflops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
     """A GEMM calibration of this machine: GFLOP/s of an n x n matmul."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -422,6 +431,7 @@ BENCHES = {
     "rerank": bench_rerank,
     "train_workers": bench_train_workers,
     "flava": bench_flava,
+    "flamingo": bench_flamingo,
 }
 
 

@@ -1,4 +1,4 @@
-"""``vlp convert albef|meter|flava``: official checkpoints → vlp state dicts."""
+"""``vlp convert albef|meter|flava|openflamingo``: official checkpoints → vlp state dicts."""
 
 from __future__ import annotations
 
@@ -49,11 +49,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--head-dim", type=int, default=64, help="attention head width when inferring the model (64)")
     f.add_argument("--strict", action="store_true", help="fail unless every key is known and every weight filled")
+    o = sub.add_parser("openflamingo", help="an OpenFlamingo checkpoint -> the trained tensors of a vlp Flamingo")
+    o.add_argument(
+        "ckpt", help="OpenFlamingo checkpoint (*.safetensors, or a torch file: a state dict or model_state_dict)"
+    )
+    o.add_argument("--config", required=True, help="recipe YAML of the vlp Flamingo (its towers, sizes and tokenizer)")
+    o.add_argument("--out", required=True, help="output file: *.safetensors, or a torch file ({'state_dict': ...})")
+    o.add_argument(
+        "--media-token-id", type=int, default=None, help="the checkpoint's <image> id (OpenFlamingo's order)"
+    )
+    o.add_argument("--eoc-token-id", type=int, default=None, help="the checkpoint's <|endofchunk|> id")
+    o.add_argument("--strict", action="store_true", help="fail unless every key is known and every weight filled")
     return parser
 
 
 def convert_main(args: list[str]) -> object:
     ns = _parser().parse_args(args)
+    if ns.command == "openflamingo":
+        from vlp.convert.openflamingo import convert_openflamingo
+
+        report = convert_openflamingo(
+            ns.ckpt,
+            ns.out,
+            ns.config,
+            media_token_id=ns.media_token_id,
+            eoc_token_id=ns.eoc_token_id,
+            strict=ns.strict,
+        )
+        print(report.summary())
+        print(f"\nwrote {ns.out}")
+        return report
     if ns.command == "meter":
         from vlp.convert.meter import convert_meter as convert
     elif ns.command == "flava":
