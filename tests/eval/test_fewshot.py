@@ -275,3 +275,28 @@ def test_bad_options_are_named(tok, data, tmp_path):
         evaluator("retrieval", tok, support={"manifest": support}, prompt="<image>Caption:")
     with pytest.raises(ConfigError, match="in context: set evaluation"):
         FewShotEvaluator("vqa").configure(EvalSource(name="toy/test", tokenizer=tok))
+
+
+def test_trainer_test_scores_a_source_with_fewshot_options(tok, data, capsys):
+    from helpers import quiet_trainer
+
+    from vlp.data import WebDataModule
+    from vlp.data.datamodule import Source
+
+    support, query = data["vqa"]
+    options = {"fewshot": {"support": {"manifest": support}, "shots": [0, 1], "max_new_tokens": 2, "num_beams": 1}}
+    dm = WebDataModule(
+        test=[Source(query, split="test", evaluation=options)],
+        tokenizer=tok,
+        image_size=32,
+        batch_size=4,
+        num_workers=0,
+    )
+    model = flamingo(tok)
+    quiet_trainer().test(model, datamodule=dm, verbose=False)
+    record = model.results["test"]
+    assert set(record["scores"]) == {"vqa_acc@0", "vqa_acc@1"} and record["num_items"] == 5
+    # the constant "red": all 10 answers on the 2 red queries (1.0), 1 of 10 on the 3 others (0.3)
+    assert record["chance"]["vqa_acc@1"] == pytest.approx(100 * (2 * 1.0 + 3 * 0.3) / 5)
+    out = capsys.readouterr().out
+    assert "fewshot_vqa" in out and "constant" in out
