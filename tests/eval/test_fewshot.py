@@ -300,3 +300,10 @@ def test_trainer_test_scores_a_source_with_fewshot_options(tok, data, capsys):
     assert record["chance"]["vqa_acc@1"] == pytest.approx(100 * (2 * 1.0 + 3 * 0.3) / 5)
     out = capsys.readouterr().out
     assert "fewshot_vqa" in out and "constant" in out
+
+
+def test_a_prompt_longer_than_the_limit_is_named(model, tok, data):
+    support, query = data["retrieval"]
+    ev = evaluator("retrieval", tok, support={"manifest": support}, shots=[4], max_prompt_length=12)
+    with pytest.raises(ConfigError, match=r"prompt has more than 12 tokens .*fewer shots"):
+        ev.update(model, None, query_batches(query, "retrieval", tok)[0])

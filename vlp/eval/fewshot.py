@@ -403,7 +403,7 @@ class FewShotEvaluator(Evaluator):
         tok = copy.copy(self.tokenizer)
         positions = _lm_positions(model)
         limit = self.max_prompt_length or (positions - self.max_new_tokens if positions else 4096)
-        tok.max_length = int(limit) + 1  # one more: a prompt that reaches it is too long
+        tok.max_length = int(limit) + 2  # room for an end token and one more: a cut prompt is too long
         self._tok, self._limit = tok, int(limit)
         try:
             self._end_id = tok.start_end_ids[1]
@@ -439,13 +439,13 @@ class FewShotEvaluator(Evaluator):
         rows = []
         for ids, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True):
             row = ids[mask.bool()].tolist()
+            if self._end_id is not None and row and row[-1] == self._end_id:
+                row = row[:-1]
             if len(row) > self._limit:
                 raise ConfigError(
                     f"{self.where}: a {what} prompt has more than {self._limit} tokens (max_prompt_length, the LM's "
                     "positions less max_new_tokens): use fewer shots or a shorter prompt"
                 )
-            if self._end_id is not None and row and row[-1] == self._end_id:
-                row = row[:-1]
             rows.append(row)
         return rows
 
