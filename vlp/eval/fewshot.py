@@ -341,11 +341,14 @@ class FewShotEvaluator(Evaluator):
         self.max_new_tokens = _int(opts, "max_new_tokens", 5 if task == "vqa" else 20, self.where)
         self.num_beams = _int(opts, "num_beams", 3, self.where)
         self.batch_size = _int(opts, "batch_size", 64, self.where)
-        self.length_penalty = float(opts.get("length_penalty", 0.0))
+        self.length_penalty = opts.get("length_penalty", 0.0)
+        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, int | float):
+            raise ConfigError(f"{self.where}.length_penalty must be a number, got {self.length_penalty!r}")
         self.max_prompt_length = opts.get("max_prompt_length")
         self.image_size, self.norm = opts.get("image_size"), opts.get("norm")
         available = min(self.support_size, self.max_support)
-        need = max(max(self.shots), ZERO_SHOT_DEMOS if 0 in self.shots else 0)
+        # demonstrations drawn per query: the most shots (0 shots: two text-only ones)
+        self.num_draw = need = max(max(self.shots), ZERO_SHOT_DEMOS if 0 in self.shots else 0)
         if need > available:
             raise ConfigError(
                 f"{self.where}.shots: {need} demonstrations per query but the support set has {available} items "
@@ -394,7 +397,7 @@ class FewShotEvaluator(Evaluator):
             classnames=self.classnames,
             where=f"{self.where}.support",
         )
-        need = max(max(self.shots), ZERO_SHOT_DEMOS)
+        need = self.num_draw
         if need > len(self.support):
             raise ConfigError(
                 f"{self.where}.shots: {need} demonstrations per query but only {len(self.support)} support "
@@ -499,7 +502,7 @@ class FewShotEvaluator(Evaluator):
         return {"class": s.texts[i]}
 
     def _draw(self, model: nn.Module, queries: list[dict], images: torch.Tensor) -> list[list[int]]:
-        k = max(max(self.shots), ZERO_SHOT_DEMOS)
+        k = self.num_draw
         if self.demos == "random":
             return [random_demos(len(self.support), k, self.seed, q["key"]) for q in queries]
         return rices_demos(self._features(model, images), self._rices_features(model), k)
