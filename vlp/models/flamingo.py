@@ -427,6 +427,8 @@ class Flamingo(VLPModule):
     def forward(self, batch: dict) -> FlamingoOutput:
         """Interleaved or pair batches (``images`` (B, M, 3, H, W), ``media_mask``) or text-only
         batches (``text_ids`` alone: the plain LM)."""
+        if "text_ids" not in batch:  # an image-only batch (few-shot classification queries)
+            return FlamingoOutput()
         ids, mask = batch["text_ids"], batch["text_mask"]
         media, text_time = None, None
         if "images" in batch and "media_mask" in batch:
@@ -434,6 +436,15 @@ class Flamingo(VLPModule):
             text_time = batch["media_mask"].long().cumsum(dim=1)  # (B, L)
         out = self.run_lm(ids, mask, media, text_time)
         return FlamingoOutput(hidden=out.last_hidden_state, media=media)
+
+    def default_evaluator(self, modality: str):
+        """Pair / retrieval, VQA and image splits: few-shot in-context evaluation (captioning,
+        VQA, classification), configured by the source's ``evaluation: {fewshot: ...}``."""
+        from vlp.eval.fewshot import MODALITIES, FewShotEvaluator
+
+        if any(modality in mods for mods in MODALITIES.values()):
+            return FewShotEvaluator(modality)
+        return None
 
     # -- scoring and generation ------------------------------------------------------------
     def token_logprobs(self, batch: dict) -> torch.Tensor:
