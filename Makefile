@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 SHAPES ?= data/shapes
 
-.PHONY: install test demo demo-albef demo-meter demo-meter-encdec demo-flava demo-seeds ablation-albef bench lint data clean
+.PHONY: install test demo demo-albef demo-meter demo-meter-encdec demo-flava demo-flamingo demo-seeds ablation-albef bench lint data clean
 
 install: $(STAMP)
 
@@ -24,7 +24,7 @@ test: install
 	$(PY) -m pytest -q
 
 data: install
-	test -f $(SHAPES)/info.json || $(VLP) data synth --out $(SHAPES)
+	test -f $(SHAPES)/pair/support-000000.tar || $(VLP) data synth --out $(SHAPES)
 
 demo: data
 	$(VLP) fit --config recipes/tiny/clip.yaml
@@ -91,6 +91,19 @@ ablation-albef: data
 # every score in runs/seeds/summary.md (2 CPU cores: CLIP ~30 min, ALBEF + its dual encoder
 # ~2 h, METER pretraining + VQA ~1.5 h)
 SEED_RUNS ?= clip albef clip_minilm meter_vqa
+# Flamingo-lite: the frozen towers (a short tiny CLIP, a tiny LM on the captions; kept when
+# present), the bridge on pairs + interleaved documents, then few-shot tables at 0/4/8 shots
+# with random and RICES demonstrations, beside the frozen LM alone (gates held at 0).
+demo-flamingo: data
+	test -f runs/tiny_flamingo_clip/checkpoints/last.ckpt || $(VLP) fit --config recipes/tiny/clip.yaml --config recipes/tiny/flamingo_clip.yaml
+	test -f runs/tiny_flamingo_lm/checkpoints/last.ckpt || $(VLP) fit --config recipes/tiny/flamingo_lm.yaml
+	$(VLP) fit --config recipes/tiny/flamingo.yaml
+	$(VLP) test --ckpt runs/tiny_flamingo/checkpoints/last.ckpt
+	$(VLP) test --ckpt runs/tiny_flamingo/checkpoints/last.ckpt --config recipes/tiny/flamingo_rices.yaml
+	$(VLP) fit --config recipes/tiny/flamingo.yaml --config recipes/ablations/flamingo_tiny_frozen_gates.yaml
+	$(VLP) test --ckpt runs/flamingo_tiny_frozen_gates/checkpoints/last.ckpt
+	$(VLP) compare runs/flamingo_tiny_frozen_gates runs/tiny_flamingo runs/tiny_flamingo_rices --names LM_alone,random,RICES
+
 demo-seeds: data
 	$(PY) bench/seeds.py --runs $(SEED_RUNS) --seeds 0 1 2
 

@@ -75,6 +75,24 @@ def test_resize_grows_the_lm_head(tied):
     assert logits.shape == (1, 2, 42)
 
 
+def test_resize_of_a_bare_llama_grows_its_head_too():
+    """A bare PreTrainedModel whose backbone is its ``.model`` (Llama) is resized whole."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        tie_word_embeddings=False,
+    )
+    lm = AutoModelForCausalLM.from_config(config)
+    resize_token_embeddings(lm, 42)
+    assert lm.get_input_embeddings().weight.shape[0] == 42
+    assert lm.get_output_embeddings().weight.shape[0] == 42
+
+
 def test_datamodule_vocab_size_counts_added_tokens():
     from vlp.data import WebDataModule
 

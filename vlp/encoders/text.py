@@ -309,7 +309,11 @@ def resize_token_embeddings(encoder: nn.Module, vocab_size: int) -> nn.Module:
     ``<|endofchunk|>``). A tied LM head follows the embedding; an untied one grows the same
     way. A table already that large is left alone; a smaller ``vocab_size`` is refused.
     Returns ``encoder``."""
-    model = getattr(encoder, "model", encoder)
+    from transformers import PreTrainedModel
+
+    # a vlp tower holds its HF model as .model; a bare PreTrainedModel is resized itself (its
+    # own .model, e.g. LlamaForCausalLM's backbone, would leave the LM head behind)
+    model = encoder if isinstance(encoder, PreTrainedModel) else getattr(encoder, "model", encoder)
     if not hasattr(model, "get_input_embeddings"):
         raise ConfigError(f"{type(encoder).__name__} has no Hugging Face input embedding to resize")
     old = model.get_input_embeddings()
