@@ -429,6 +429,9 @@ class Flamingo(VLPModule):
         batches (``text_ids`` alone: the plain LM)."""
         if "text_ids" not in batch:  # an image-only batch (few-shot classification queries)
             return FlamingoOutput()
+        if not self.training and batch.get("modality") in ("retrieval", "vqa", "image"):
+            # evaluation queries: the few-shot evaluator builds its own prompts from them
+            return FlamingoOutput()
         ids, mask = batch["text_ids"], batch["text_mask"]
         media, text_time = None, None
         if "images" in batch and "media_mask" in batch:
