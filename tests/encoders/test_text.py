@@ -222,3 +222,75 @@ def test_pretrained_models_start_in_train_mode(tmp_path):
     ).save_pretrained(tmp_path / "bert")
     enc = HFTextEncoder(str(tmp_path / "bert"))
     assert all(m.training for m in enc.modules())
+
+
+# -- GGUF checkpoints ----------------------------------------------------------------------
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's q/k row order (its converter's ``permute``); transformers undoes it on load."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(model, path) -> None:
+    """A Hugging Face Llama written as llama.cpp writes one (float32 tensors, GGUF names)."""
+    try:
+        import gguf
+    except ImportError:
+        pytest.fail("the gguf package is missing: pip install -e '.[dev]' (gguf is in vlp's dev extra)")
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v"}
+    parts |= {"self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"}
+    parts |= {"mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for key, t in sd.items():
+        if key == "lm_head.weight":
+            name = "output.weight"
+        elif key.startswith("model.layers."):
+            i, rest = key.removeprefix("model.layers.").split(".", 1)
+            part = rest.removesuffix(".weight")
+            name = f"blk.{i}.{parts[part]}.weight"
+            if part == "self_attn.q_proj":
+                t = _permute(t, c.num_attention_heads)
+            elif part == "self_attn.k_proj":
+                t = _permute(t, c.num_key_value_heads)
+        else:
+            name = names[key.removeprefix("model.")]
+        w.add_tensor(name, t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_causal_lm_loads_a_gguf_checkpoint(tmp_path, offline):
+    lm = causal(LLAMA).eval()
+    write_llama_gguf(lm.model, tmp_path / "tiny.gguf")
+    loaded = HFCausalLM(str(tmp_path), gguf_file="tiny.gguf").eval()
+    assert type(loaded.model).__name__ == "LlamaForCausalLM"
+    assert loaded.model.config.num_key_value_heads == 1 and not loaded.model.config.tie_word_embeddings
+    ids, mask = text_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(loaded(ids, mask).tokens), lm.logits(lm(ids, mask).tokens))
+    assert len(loaded.decoder_layers()) == 2
+
+
+def test_gguf_mistakes_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="needs name_or_path"):
+        HFCausalLM(gguf_file="tiny.gguf")
+    with pytest.raises(ConfigError, match=r"no GGUF file 'tiny.gguf' in .*none"):
+        HFCausalLM(str(tmp_path), gguf_file="tiny.gguf")
+    with pytest.raises(ConfigError, match="must name a .gguf file"):
+        HFCausalLM(str(tmp_path), gguf_file="model.safetensors")

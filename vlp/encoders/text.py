@@ -58,14 +58,21 @@ def check_config_keys(cfg, keys) -> None:
         raise ConfigError(f"text model config keys are not fields of {type(cfg).__name__}: {said}")
 
 
-def load_hf_model(auto_cls, name_or_path: str | None, config: dict | None, **kwargs) -> nn.Module:
+def load_hf_model(
+    auto_cls, name_or_path: str | None, config: dict | None, *, gguf_file: str | None = None, **kwargs
+) -> nn.Module:
     """``auto_cls`` (AutoModel, AutoModelForCausalLM) from a name/folder and/or a config dict.
 
-    ``add_pooling_layer`` in ``kwargs`` is passed only to models that take it.
+    ``add_pooling_layer`` in ``kwargs`` is passed only to models that take it. ``gguf_file``:
+    the name of a GGUF checkpoint in the folder (or hub repo) ``name_or_path``, its config
+    and weights read by transformers (dequantised to ``dtype``; needs the ``gguf`` package).
     """
     from transformers import AutoConfig
 
     config = {k: _scalar(v) for k, v in (config or {}).items()}
+    if gguf_file is not None:
+        name_or_path = _check_gguf(name_or_path, gguf_file)
+        kwargs["gguf_file"] = gguf_file
     if name_or_path is None:
         if "model_type" not in config:
             raise ConfigError(f"a text model config needs 'model_type' (bert, gpt2...), got {config}")
@@ -77,7 +84,9 @@ def load_hf_model(auto_cls, name_or_path: str | None, config: dict | None, **kwa
             raise ConfigError(f"model folder {path!r} does not exist")
         config.pop("model_type", None)
         try:
-            cfg = AutoConfig.from_pretrained(path, local_files_only=local, **config)
+            cfg = AutoConfig.from_pretrained(
+                path, local_files_only=local, **({"gguf_file": gguf_file} if gguf_file else {}), **config
+            )
         except Exception as e:  # OSError, ValueError, transformers' field validation errors
             where = "local folder" if local else "hub name (offline? give a local folder)"
             raise ConfigError(f"cannot load a model config from {path!r} as a {where}: {brief(e)}") from None
@@ -98,6 +107,27 @@ def load_hf_model(auto_cls, name_or_path: str | None, config: dict | None, **kwa
         return auto_cls.from_pretrained(path, config=cfg, local_files_only=local, **kwargs)
     except Exception as e:
         raise CheckpointError(f"cannot load {model_cls.__name__} weights from {path!r}: {brief(e)}") from None
+
+
+def _check_gguf(name_or_path: str | None, gguf_file: str) -> str:
+    """The folder of a GGUF checkpoint, after checking that the file and the ``gguf`` package
+    are there (transformers' own errors name neither)."""
+    import importlib.util
+    from pathlib import Path
+
+    if name_or_path is None:
+        raise ConfigError(f"gguf_file={gguf_file!r} needs name_or_path: the folder (or hub repo) that holds it")
+    if not isinstance(gguf_file, str) or not gguf_file.endswith(".gguf"):
+        raise ConfigError(f"gguf_file must name a .gguf file in {name_or_path!r}, got {gguf_file!r}")
+    path = resolve_path(name_or_path)
+    if is_local(path) and not (Path(path).expanduser() / gguf_file).is_file():
+        found = sorted(p.name for p in Path(path).expanduser().glob("*.gguf"))
+        raise ConfigError(f"no GGUF file {gguf_file!r} in {path!r} (.gguf files there: {found or 'none'})")
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(
+            f"loading {gguf_file!r} needs the 'gguf' package (pip install gguf accelerate; it is in vlp's dev extra)"
+        )
+    return name_or_path
 
 
 def _layers(model: nn.Module, n: int) -> str:
@@ -253,6 +283,9 @@ class HFCausalLM(_HFEncoderBase):
             config overrides for a pretrained model.
         attn_implementation: "sdpa", "eager" or "flash_attention_2".
         dtype: parameter dtype (float32, or bfloat16 for a frozen LM).
+        gguf_file: a GGUF checkpoint (llama.cpp's format, e.g. ``SmolLM2-135M-Instruct.Q4_1.gguf``)
+            in the folder ``name_or_path``: config and weights from it, quantised weights
+            dequantised to ``dtype`` (transformers' GGUF loader; needs ``gguf``).
     """
 
     def __init__(
@@ -262,6 +295,7 @@ class HFCausalLM(_HFEncoderBase):
         config: dict | None = None,
         attn_implementation: str = "sdpa",
         dtype: str = "float32",
+        gguf_file: str | None = None,
     ) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM
@@ -270,6 +304,7 @@ class HFCausalLM(_HFEncoderBase):
             AutoModelForCausalLM,
             name_or_path,
             config,
+            gguf_file=gguf_file,
             attn_implementation=attn_implementation,
             dtype=_dtype(dtype),
         )

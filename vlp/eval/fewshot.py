@@ -16,7 +16,10 @@ log-likelihood of their tokens after the query's prompt (``model.token_logprobs`
 Demonstrations: ``random`` draws them with a generator seeded by (seed, query key), so they
 do not depend on the rank, the world size or the batch order; ``rices`` takes the support
 items whose image is closest to the query's (cosine of the vision tower's pooled features,
-computed once for the support set), the most similar last, next to the query. ``shots: 0``
+computed once for the support set), the most similar last, next to the query. A query is never
+its own demonstration: when the support split is the query split (a train split evaluated), the
+support item of the query's key is left out of both draws, and so are, on the same shards, the
+items of the query's image (its other captions or questions), by ``image_id``. ``shots: 0``
 is Flamingo's zero-shot setting as OpenFlamingo runs it: two demonstrations, text only (their
 ``<image>`` dropped, their images not passed).
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 import random
 import re
 from collections import Counter
@@ -141,21 +145,34 @@ def _seed_of(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little")
 
 
-def random_demos(num_support: int, k: int, seed: int, key: str) -> list[int]:
-    """``k`` distinct support indices drawn for the query ``key``: a function of (seed, key,
-    num_support) only; the first ``j`` of them are the draw for ``j`` shots."""
-    if k > num_support:
-        raise ConfigError(f"{k} demonstrations asked from a support set of {num_support}")
-    return random.Random(_seed_of(seed, key)).sample(range(num_support), k)
+def random_demos(
+    num_support: int, k: int, seed: int, key: str, exclude: set[int] | frozenset = frozenset()
+) -> list[int]:
+    """``k`` distinct support indices drawn for the query ``key``, none of ``exclude`` (the
+    query's own items): a function of (seed, key, num_support, exclude) only; the first ``j``
+    of them are the draw for ``j`` shots. With nothing excluded the draw is unchanged."""
+    pool = [i for i in range(num_support) if i not in exclude] if exclude else range(num_support)
+    if k > len(pool):
+        left = f" ({len(exclude)} of them the query's own)" if exclude else ""
+        raise ConfigError(f"{k} demonstrations asked for {key} from a support set of {num_support}{left}")
+    return random.Random(_seed_of(seed, key)).sample(pool, k)
 
 
-def rices_demos(query: torch.Tensor, support: torch.Tensor, k: int) -> list[list[int]]:
+def rices_demos(
+    query: torch.Tensor, support: torch.Tensor, k: int, exclude: list[set[int]] | None = None
+) -> list[list[int]]:
     """RICES: per query (B, D) the ``k`` support items (N, D) of highest cosine similarity,
-    ordered from the least to the most similar (the most similar last, next to the query).
-    Ties go to the lower support index."""
-    if k > len(support):
-        raise ConfigError(f"{k} demonstrations asked from a support set of {len(support)}")
+    ordered from the least to the most similar (the most similar last, next to the query);
+    ``exclude[b]``: support indices query ``b`` may not get (its own items). Ties go to the
+    lower support index."""
+    most = max((len(e) for e in exclude), default=0) if exclude else 0
+    if k > len(support) - most:
+        left = f" ({most} of them a query's own)" if most else ""
+        raise ConfigError(f"{k} demonstrations asked from a support set of {len(support)}{left}")
     sims = F.normalize(query.float(), dim=-1) @ F.normalize(support.float(), dim=-1).T  # (B, N)
+    for b, own in enumerate(exclude or ()):
+        if own:
+            sims[b, sorted(own)] = float("-inf")  # never the query itself, however similar
     order = torch.argsort(-sims, dim=1, stable=True)[:, :k]  # (B, k) most similar first
     return order.flip(1).tolist()
 
@@ -180,9 +197,43 @@ class Support:
     questions: list[str] = field(default_factory=list)  # vqa
     all_answers: list[list[str]] = field(default_factory=list)  # vqa: every human answer
     skipped: int = 0
+    image_ids: list[int | None] = field(default_factory=list)  # pair / retrieval / vqa
+    shards: list[str] = field(default_factory=list)  # the split's shard urls
+
+    def __post_init__(self) -> None:
+        self._by_key = {_canonical_key(k): i for i, k in enumerate(self.keys)}
+        self._shards = {_canonical_url(u) for u in self.shards}
+        self._by_image: dict[int, list[int]] = {}
+        for i, image_id in enumerate(self.image_ids):
+            if image_id is not None:
+                self._by_image.setdefault(int(image_id), []).append(i)
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def own(self, key: str, image_id: int | None = None) -> set[int]:
+        """The support items a query may not see as demonstrations: the one of its key (the
+        support split is the query split) and, when the query comes from the support's
+        shards, those of its image (``image_id``: another caption or question of it)."""
+        key = _canonical_key(key)
+        out = {self._by_key[key]} if key in self._by_key else set()
+        url = key.rpartition(":")[0]
+        if image_id is not None and url in self._shards:
+            out.update(self._by_image.get(int(image_id), ()))
+        return out
+
+
+def _canonical_url(url: str) -> str:
+    """A local shard's real path (``file:`` and relative forms of one file agree)."""
+    if "://" in url or url.startswith("pipe:"):
+        return url
+    return os.path.realpath(os.path.expanduser(url.removeprefix("file:")))
+
+
+def _canonical_key(key: str) -> str:
+    """A sample key ``{url}:{__key__}`` with its url made canonical."""
+    url, sep, name = str(key).rpartition(":")
+    return f"{_canonical_url(url)}:{name}" if sep and url else str(key)
 
 
 def load_support(
@@ -205,7 +256,7 @@ def load_support(
     modality = m.modality_of(split)
     urls = expand_urls(s.urls)
     decode = SampleDecoder(modality, m.fields, ImageTransform(image_size, norm=norm, normalize=False))
-    keys, images, texts, questions, answers, skipped = [], [], [], [], [], 0
+    keys, images, texts, questions, answers, image_ids, skipped = [], [], [], [], [], [], 0
     for sample in read_shards(urls):
         if len(keys) >= max_support:
             break
@@ -217,13 +268,16 @@ def load_support(
         images.append(item["image"])
         if modality == "pair":
             texts.append(item["text"])
+            image_ids.append(item.get("image_id"))
         elif modality == "retrieval":
             texts.append(item["captions"][0])
+            image_ids.append(item.get("image_id"))
         elif modality == "vqa":
             if not item["answers"]:
                 skipped += 1
                 keys.pop(), images.pop()
                 continue
+            image_ids.append(item.get("image_id"))
             questions.append(item["text"])
             answers.append(item["answers"])
             texts.append(item["answers"][0])
@@ -231,13 +285,25 @@ def load_support(
             if classnames is None or not 0 <= item["label"] < len(classnames):
                 raise DataError(f"{where}: support item {item['key']} has label {item['label']} outside the classes")
             texts.append(classnames[item["label"]])
+            image_ids.append(None)
         else:
             raise ConfigError(f"{where}: {m.name}/{split} is {modality!r} data: no demonstrations in it")
     if not keys:
         raise DataError(f"{where}: no usable item in {m.name}/{split} ({skipped} skipped)")
     if skipped:
         log.warning("%s: %d support samples of %s/%s skipped", where, skipped, m.name, split)
-    return Support(f"{m.name}/{split}", modality, keys, torch.stack(images), texts, questions, answers, skipped)
+    return Support(
+        f"{m.name}/{split}",
+        modality,
+        keys,
+        torch.stack(images),
+        texts,
+        questions,
+        answers,
+        skipped,
+        image_ids=image_ids,
+        shards=urls,
+    )
 
 
 def _most_frequent(values: list[str]) -> str:
@@ -467,6 +533,11 @@ class FewShotEvaluator(Evaluator):
         """Per query item: its key, its prompt fields and what it is scored against."""
         keys = [str(k) for k in batch["keys"]]
         n = len(keys)
+        ids = batch["image_id"].view(-1).tolist() if "image_id" in batch else [None] * n
+        return [{**q, "image_id": i} for q, i in zip(self._query_fields(batch, keys), ids, strict=True)]
+
+    def _query_fields(self, batch: dict, keys: list[str]) -> list[dict]:
+        n = len(keys)
         if self.kind == "captioning":
             if "captions" in batch:
                 refs = [list(c) for c in batch["captions"]]
@@ -502,10 +573,20 @@ class FewShotEvaluator(Evaluator):
         return {"class": s.texts[i]}
 
     def _draw(self, model: nn.Module, queries: list[dict], images: torch.Tensor) -> list[list[int]]:
-        k = self.num_draw
+        """Each query's demonstrations, never its own items (the support split may be the
+        query split): a function of the query alone, whatever the rank or batch."""
+        k, n = self.num_draw, len(self.support)
+        own = [self.support.own(q["key"], q["image_id"]) for q in queries]
+        for q, o in zip(queries, own, strict=True):
+            if k > n - len(o):
+                raise ConfigError(
+                    f"{self.where}.shots: {k} demonstrations per query but {q['key']} may use only {n - len(o)} of "
+                    f"the {n} support items of {self.support.name} ({len(o)} are its own: the support split is the "
+                    "query split)"
+                )
         if self.demos == "random":
-            return [random_demos(len(self.support), k, self.seed, q["key"]) for q in queries]
-        return rices_demos(self._features(model, images), self._rices_features(model), k)
+            return [random_demos(n, k, self.seed, q["key"], o) for q, o in zip(queries, own, strict=True)]
+        return rices_demos(self._features(model, images), self._rices_features(model), k, own)
 
     # -- update ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -543,7 +624,7 @@ class FewShotEvaluator(Evaluator):
                         postprocess_caption(text) if self.kind == "captioning" else postprocess_answer(text)
                     )
         for q, r in zip(queries, results, strict=True):
-            record = {k: v for k, v in q.items() if k not in ("key", "fields")}
+            record = {k: v for k, v in q.items() if k not in ("key", "fields", "image_id")}
             self.records.append((q["key"], {**record, **r}))
 
     def _generate(self, model: nn.Module, prompts: list[str], images: torch.Tensor, device) -> list[str]:
