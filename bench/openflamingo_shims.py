@@ -20,6 +20,8 @@ from the hub), and adapt three calls:
   attention_mask, **kwargs)`` does not, so left-padded prompts would get positions counted
   over their padding (GPT-2; rotary LMs do not notice). :func:`generate` passes them as
   transformers 4's GPT-2 ``prepare_inputs_for_generation`` computed them.
+* transformers 5's ``generate`` drops an all-ones attention mask; the mixin's ``forward``
+  requires one (:func:`patch_lm_mixin` gives it the default None).
 * ``open_flamingo.train.train_utils`` imports ``wandb`` at module level (only used to upload
   checkpoints): an empty module stands in when it is not installed, so its own
   ``save_checkpoint`` / ``filter_state_dict_to_trainable`` write the checkpoints.
@@ -58,6 +60,7 @@ def import_open_flamingo():
         IMPORT_ERROR = f"{type(e).__name__}: {e}"
         return None
     patch_flamingo_layer(flamingo_lm.FlamingoLayer)
+    patch_lm_mixin(flamingo_lm.FlamingoLMMixin)
     return open_flamingo
 
 
@@ -91,6 +94,19 @@ def patch_flamingo_layer(cls: type) -> None:
             return getattr(self._modules["decoder_layer"], name)
 
     cls.forward, cls.__getattr__, cls._vlp_shim = forward, __getattr__, True
+
+
+def patch_lm_mixin(cls: type) -> None:
+    """Give ``FlamingoLMMixin.forward``'s ``attention_mask`` a default: transformers 5's
+    ``generate`` drops an all-ones mask instead of passing it."""
+    if getattr(cls, "_vlp_shim", False):
+        return
+    original = cls.forward
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return original(self, input_ids, attention_mask, **kwargs)
+
+    cls.forward, cls._vlp_shim = forward, True
 
 
 class OldOpenCLIPTokens(nn.Module):
