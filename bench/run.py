@@ -409,7 +409,7 @@ def bench_flava(args, device, dtype) -> Table:
 
 
 def bench_flamingo(args, device, dtype) -> Table:
-    """Flamingo-lite against OpenFlamingo (re-implemented), training step and generation (bench/flamingo.py)."""
+    """Flamingo-lite against OpenFlamingo (the package if importable, else re-implemented): training step, generation."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from flamingo import bench_flamingo as run
 
