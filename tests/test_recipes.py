@@ -33,10 +33,16 @@ def _base_of(ablation: Path) -> Path:
     return REPO / "recipes" / ("tiny/albef.yaml" if "_tiny_" in ablation.name else "albef_4m.yaml")
 
 
+#: recipes that go over another one (``--config BASE --config OVERLAY``)
+OVERLAYS = {"tiny/flamingo_clip.yaml": "tiny/clip.yaml", "tiny/flamingo_rices.yaml": "tiny/flamingo.yaml"}
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
 def test_recipe_parses(recipe, capsys):
+    base = OVERLAYS.get(str(recipe.relative_to(REPO / "recipes")))
+    configs = ["--config", str(REPO / "recipes" / base)] if base else []
     with pytest.raises(SystemExit) as e:
-        cli_main(["fit", "--config", str(recipe), "--print_config"])
+        cli_main(["fit", *configs, "--config", str(recipe), "--print_config"])
     assert e.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
 
@@ -90,6 +96,8 @@ def test_ablation_stacks_on_its_base(ablation, capsys):
             assert printed["data"]["init_args"]["image_size"] == 384
         assert ("MIM" in names) == ("_mim" in ablation.name)
         assert model["fusion"]["class_path"].endswith("MergedAttentionFusion") == ("merged" in ablation.name)
+    elif ablation.name.endswith("_masked_contrastive.yaml"):  # full FLAVA, contrastive on the masked pass
+        assert model["contrastive_on"] == "masked" and len(names) == 6
     elif ablation.name.startswith("flava") and not ablation.name.endswith(
         "_vqa.yaml"
     ):  # FLAVA_C: contrastive only; FLAVA_MM: + MMM + ITM, pairs only
@@ -229,7 +237,9 @@ def test_tiny_flava_recipes_build_and_train_each_modality(ablation, tmp_path, mo
     image = {"modality": "image", "image": pair["image"], "image_mask": pair["image_mask"]}
     text = {"modality": "text", **{k: pair[k] for k in ("text_ids", "text_mask", "mlm_input_ids", "mlm_labels")}}
     modalities = {m for o in model.objectives.values() for m in o.modalities}
-    assert modalities == ({"pair"} if ablation is not None else {"pair", "image", "text"})
+    full = ablation is None or ablation.name.endswith("_masked_contrastive.yaml")  # full FLAVA's objectives
+    assert modalities == ({"pair", "image", "text"} if full else {"pair"})
+    assert model.contrastive_on == ("masked" if ablation is not None and full else "unmasked")
     for batch in (pair, image, text):
         if batch["modality"] not in modalities:
             continue
