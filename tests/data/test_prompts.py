@@ -52,7 +52,9 @@ def test_a_folder_gives_one_prompt_per_image_and_a_bad_image_is_reported(tmp_pat
 def test_documents_file_and_bad_specs(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     docs = tmp_path / "docs.jsonl"
-    docs.write_text(json.dumps({"text": "<image>Question: what? Short answer:", "images": ["x.png"], "key": "q1"}) + "\n")
+    docs.write_text(
+        json.dumps({"text": "<image>Question: what? Short answer:", "images": ["x.png"], "key": "q1"}) + "\n"
+    )
     (p,) = read_prompts(Prompts(documents=str(docs)))
     assert p["key"] == "q1" and p["images"] == [tmp_path / "x.png"]
     docs.write_text(json.dumps({"text": "<image><image>two marks", "images": ["x.png"]}) + "\n")
