@@ -76,9 +76,32 @@ def lm_labels(ids: torch.Tensor, mask: torch.Tensor, media: torch.Tensor) -> tor
     (OpenFlamingo's choice: text with no image to look at is no target), and at t = L - 1."""
     target = ids.masked_fill(~mask.bool() | media, IGNORE)  # (B, L)
     target = target.masked_fill(media.cumsum(dim=1) == 0, IGNORE)  # before the first image
-    labels = torch.full_like(ids, IGNORE)
+    return shift_targets(target)
+
+
+def shift_targets(target: torch.Tensor) -> torch.Tensor:
+    """(B, L) per-token targets → next-token labels: ``labels[:, t] = target[:, t + 1]``,
+    -100 at the last position."""
+    labels = torch.full_like(target, IGNORE)
     labels[:, :-1] = target[:, 1:]
     return labels
+
+
+def pad_images(images: Sequence[Sequence[torch.Tensor]], kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``kept[i]`` images of each document stacked and zero-padded → (B, M, 3, H, W)
+    and the mask of the real ones (B, M), M the most kept (at least 1; documents without an
+    image give one empty uint8 slot)."""
+    first = next((doc[0] for doc in images if len(doc)), None)
+    m = max(1, int(kept.max()) if len(kept) else 1)
+    if first is None:
+        batch = torch.zeros(len(images), m, 3, 1, 1, dtype=torch.uint8)
+    else:
+        batch = first.new_zeros(len(images), m, *first.shape)  # (B, M, 3, H, W)
+    for i, doc in enumerate(images):
+        k = min(int(kept[i]), len(doc))
+        if k:
+            batch[i, :k] = torch.stack(list(doc[:k]))
+    return batch, torch.arange(m)[None, :] < kept[:, None]
 
 
 def interleaved_batch(
@@ -91,16 +114,10 @@ def interleaved_batch(
     ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, L)
     media = (ids == media_id) & mask.bool()  # (B, L)
     kept = media.sum(dim=1)  # (B,) images whose token survived truncation
-    first = images[0][0]
-    m = max(1, int(kept.max()))
-    batch = first.new_zeros(len(docs), m, *first.shape)  # (B, M, 3, H, W)
-    for i, doc in enumerate(images):
-        k = int(kept[i])
-        if k:
-            batch[i, :k] = torch.stack(list(doc[:k]))
+    batch, images_mask = pad_images(images, kept)
     return {
         "images": batch,
-        "images_mask": torch.arange(m)[None, :] < kept[:, None],  # (B, M)
+        "images_mask": images_mask,
         "num_images": kept,
         "text_ids": ids,
         "text_mask": mask,

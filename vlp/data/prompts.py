@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vlp.data.interleaved import MEDIA_TOKEN, media_token_ids
+from vlp.data.interleaved import MEDIA_TOKEN, media_token_ids, pad_images
 from vlp.data.tokenization import Tokenizer
 from vlp.errors import ConfigError, DataError
 
@@ -133,20 +133,13 @@ def prompt_batch(texts: list[str], images: list[list[torch.Tensor]], tokenizer: 
         mask[rows[ends], last[ends]] = False
     media = (ids == media_id) & mask
     kept = media.sum(1)
-    m = max(1, int(kept.max()) if len(kept) else 1)
-    first = next((im[0] for im in images if im), None)
-    shape = first.shape if first is not None else (3, 1, 1)
-    batch_images = torch.zeros(len(texts), m, *shape, dtype=first.dtype if first is not None else torch.uint8)
-    for i, doc in enumerate(images):
-        k = min(int(kept[i]), len(doc))
-        if k:
-            batch_images[i, :k] = torch.stack(list(doc[:k]))
+    batch_images, images_mask = pad_images(images, kept)
     return {
         "text_ids": ids,
         "text_mask": mask,
         "media_mask": media,
         "images": batch_images,
-        "images_mask": torch.arange(m)[None, :] < kept[:, None],
+        "images_mask": images_mask,
         "num_images": kept,
     }
 

@@ -50,7 +50,6 @@ log = logging.getLogger("vlp")
 class FlamingoOutput(VLPOutput):
     hidden: torch.Tensor | None = None  # (B, L, D) the LM's final hidden states
     media: torch.Tensor | None = None  # (B, T, n, Dv) the resampled images (None: text only)
-    past_key_values: object | None = None  # the LM's KV cache when asked for
 
 
 # -- the media a wrapped layer cross-attends to, scoped to one forward ------------------------
@@ -210,14 +209,19 @@ class Flamingo(VLPModule):
         self.media_embeddings = nn.Parameter(torch.zeros(2, self.lm_dim))
         self.media_head = nn.Parameter(torch.zeros(2, self.lm_dim))
         self.register_buffer("media_token_ids", torch.tensor([-1, -1]), persistent=False)
-        # frozen: the vision tower, the LM (unless train_lm), the gates when asked
         self.vision_encoder.requires_grad_(False)
+        self._set_trainable()
+        self.setup_objectives()
+
+    def _set_trainable(self) -> None:
+        """Inside the LM only the cross-attention blocks train (their gates not with
+        ``freeze_gates``), and the LM's own tensors with ``train_lm``; rerun after the LM's
+        embedding grew (its new tensors)."""
         for name, p in self.lang_model.named_parameters():
             if ".gated_cross_attn_layer." in name:
-                p.requires_grad_(not (freeze_gates and name.endswith("_gate")))
+                p.requires_grad_(not (self.freeze_gates and name.endswith("_gate")))
             else:
-                p.requires_grad_(train_lm)
-        self.setup_objectives()
+                p.requires_grad_(self.train_lm)
 
     # -- the protocol ----------------------------------------------------------------------
     def capabilities(self) -> set[str]:
@@ -268,11 +272,7 @@ class Flamingo(VLPModule):
                 f"data.tokenizer has {tokenizer.vocab_size} tokens but model.lang_model's embedding has {rows} rows: "
                 "use the LM's own tokenizer"
             )
-        if not self.train_lm:
-            self.lang_model.requires_grad_(False)
-            for name, p in self.lang_model.named_parameters():
-                if ".gated_cross_attn_layer." in name:
-                    p.requires_grad_(not (self.freeze_gates and name.endswith("_gate")))
+        self._set_trainable()
         try:
             ids = [tokenizer.token_id(MEDIA_TOKEN), tokenizer.token_id(END_OF_CHUNK)]
         except (ConfigError, NotImplementedError):
@@ -372,10 +372,7 @@ class Flamingo(VLPModule):
             images_mask = torch.ones(B, M, dtype=torch.bool, device=images.device)
         real = images[images_mask]  # (N, 3, H, W)
         tokens = self.encode_vision(real)  # (N, v, Dv)
-        if self.projection == "resampler":
-            latents = self.perceiver(tokens)  # (N, n, Dv)
-        else:
-            latents = self.perceiver(tokens)  # (N, v, Dv)
+        latents = self.perceiver(tokens)  # (N, n, Dv): resampled, or (N, v, Dv): linear
         media = latents.new_zeros(B, M, *latents.shape[1:])  # (B, M, n, Dv)
         media[images_mask] = latents
         return media

@@ -14,16 +14,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlp.data.interleaved import IGNORE
+from vlp.data.interleaved import IGNORE, shift_targets
 from vlp.objectives.base import Objective
 
 
 def next_token_labels(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, L) targets of plain text: ``labels[:, t] = ids[:, t + 1]`` where that token is
     real, -100 elsewhere and at the last position."""
-    labels = torch.full_like(ids, IGNORE)
-    labels[:, :-1] = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), IGNORE)
-    return labels
+    return shift_targets(ids.masked_fill(~mask.bool(), IGNORE))
 
 
 class CausalLM(Objective):
